@@ -1,0 +1,153 @@
+"""Rollout generators: each worker turns a batch of samples into judged candidates.
+
+One episode per batch: ask the rewriter (it does not depend on the policy, so it runs while the
+rollouts are sampled), sample K rollouts at the batch's policy version, then ask the judge to score
+every candidate. Episodes of different batches overlap; generation and weight loads never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import torch
+
+from sip.actors.policy import build_policy, generate, load_numpy
+from sip.serve.backends import Passage
+from sip.serve.judge import JUDGE_APP, JudgeResult, JudgeTask
+from sip.serve.rewriter import REWRITER_APP
+from sip.train.config import SipConfig
+from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Sample
+
+
+class GenerationBackend(Protocol):
+    """What a rollout engine must do; `version` is the policy version of its loaded weights."""
+
+    version: int
+
+    def load_weights(self, version: int, weights: dict) -> None: ...
+
+    def generate(self, prefixes: list[list[int]], k: int, n: int) -> list[list[list[int]]]: ...
+
+
+class HFGenerator:
+    """transformers `generate` on the CPU (or wherever torch puts the model)."""
+
+    def __init__(self, cfg: SipConfig, tokenizer):
+        self.cfg = cfg.rollout
+        self.pad_id = tokenizer.pad_token_id
+        self.model = build_policy(cfg.policy, tokenizer, cfg.run.seed, cfg.data.max_seq_tokens).eval()
+        self.version = -1
+
+    def load_weights(self, version: int, weights: dict) -> None:
+        load_numpy(self.model, weights)
+        self.version = version
+
+    def generate(self, prefixes: list[list[int]], k: int, n: int) -> list[list[list[int]]]:
+        return generate(self.model, prefixes, n, self.pad_id, samples=k, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: SipConfig, tokenizer_dir: str, worker_id: int):
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(cfg.policy.torch_threads)
+        torch.manual_seed(cfg.run.seed * 1000 + worker_id)
+        self.cfg = cfg
+        self.sources = cfg.train.candidates
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.engine: GenerationBackend | None = None
+        if "rollouts" in self.sources:
+            self.engine = HFGenerator(cfg, self.tokenizer)
+        self._engine_lock = asyncio.Lock()
+        self.judge = self.rewriter = None
+
+    def _handles(self):
+        from ray import serve
+
+        if self.judge is None and self.cfg.needs_judge:
+            self.judge = serve.get_app_handle(JUDGE_APP)
+        if self.rewriter is None and self.cfg.needs_rewriter:
+            self.rewriter = serve.get_app_handle(REWRITER_APP)
+
+    async def run(self, samples_q, judged_q) -> int:
+        """Work until a None arrives on `samples_q`; returns the number of batches judged."""
+        self._handles()
+        timeout = self.cfg.pipeline.timeout_s
+        episodes: set[asyncio.Task] = set()
+        done = 0
+        while True:
+            batch = await samples_q.get_async(timeout=timeout)
+            if batch is None:
+                break
+            episodes.add(asyncio.create_task(self.episode(batch, judged_q)))
+            finished = {t for t in episodes if t.done()}
+            done += len(finished)
+            episodes -= finished
+        await asyncio.gather(*episodes)
+        return done + len(episodes)
+
+    async def episode(self, batch: Batch, judged_q) -> None:
+        try:
+            result = await self._judged(batch)
+        except Exception as err:  # the driver must hear of it now, not at its queue timeout
+            result = JudgedBatch(index=batch.index, judged=[], error=f"{type(err).__name__}: {err}")
+        await judged_q.put_async(result, timeout=self.cfg.pipeline.timeout_s)
+
+    async def _judged(self, batch: Batch) -> JudgedBatch:
+        start = time.perf_counter()
+        timeout = self.cfg.pipeline.timeout_s
+        samples = batch.samples
+        passages = [Passage(s.prefix, s.suffix, s.truth) for s in samples]
+        rewrites = [self.rewriter.rewrite.remote(p) for p in passages] if self.rewriter else []
+        rollouts = await self._rollouts(batch) if self.engine else [[] for _ in samples]
+        rewrite_texts = await asyncio.wait_for(asyncio.gather(*rewrites), timeout) if rewrites else []
+
+        candidates, rewrite_failures = self._candidates(samples, rollouts, rewrite_texts)
+        result = JudgedBatch(index=batch.index, judged=[], rewrite_failures=rewrite_failures)
+        if self.judge is None:
+            result.judged = [JudgedSample(s, c, reward=[1.0] * len(c)) for s, c in zip(samples, candidates)]
+        else:
+            pivot_source = "rewrite" if self.cfg.judge.pivot == "rewrite" else "suffix"
+            tasks = [
+                JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == pivot_source), None))
+                for p, cands in zip(passages, candidates)
+            ]
+            verdicts: list[JudgeResult] = await asyncio.wait_for(
+                asyncio.gather(*(self.judge.score.remote(t) for t in tasks)), timeout
+            )
+            for sample, cands, v in zip(samples, candidates, verdicts):
+                result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores))
+                result.judge_calls += v.calls
+                result.judge_failures += v.failures
+        result.worker_seconds = time.perf_counter() - start
+        return result
+
+    async def _rollouts(self, batch: Batch) -> list[list[list[int]]]:
+        async with self._engine_lock:
+            if batch.weights and batch.weights_version > self.engine.version:
+                weights = await asyncio.wait_for(batch.weights[0], self.cfg.pipeline.timeout_s)
+                self.engine.load_weights(batch.weights_version, weights)
+            prefixes = [s.prefix_ids for s in batch.samples]
+            n, k = self.cfg.data.suffix_tokens, self.cfg.rollout.k
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prefixes, k, n)
+
+    def _candidates(self, samples: list[Sample], rollouts, rewrite_texts) -> tuple[list[list[Candidate]], int]:
+        n = self.cfg.data.suffix_tokens
+        failures = 0
+        out = []
+        for i, sample in enumerate(samples):
+            cands = []
+            if "suffix" in self.sources:
+                cands.append(Candidate("suffix", sample.suffix_ids, sample.suffix))
+            if "rewrite" in self.sources:
+                ids = self.tokenizer.encode(rewrite_texts[i], add_special_tokens=False)[:n]
+                if ids:
+                    cands.append(Candidate("rewrite", ids, self.tokenizer.decode(ids)))
+                else:
+                    failures += 1
+            for ids in rollouts[i]:
+                cands.append(Candidate("rollout", ids, self.tokenizer.decode(ids), self.engine.version))
+            out.append(cands)
+        return out, failures

@@ -1,0 +1,68 @@
+"""Building the policy model, and moving its weights between actors through the object store."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sip.train.config import PolicyConfig
+
+
+def build_policy(cfg: PolicyConfig, tokenizer, seed: int, max_positions: int):
+    """A tiny Llama from scratch, or any causal LM from an HF folder (continual pretraining)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.init != "scratch":
+        return AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(128, max_positions),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def to_numpy(model) -> dict[str, np.ndarray]:
+    """numpy travels through the object store without a copy; torch tensors would be pickled."""
+    return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+
+
+def load_numpy(model, weights: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({name: torch.from_numpy(np.array(w)) for name, w in weights.items()})
+
+
+@torch.no_grad()
+def generate(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[list[int]]]:
+    """Exactly `n` new tokens per sample (end-of-text is suppressed), `samples` per prefix.
+
+    Returns ids[prefix][sample]. Prefixes are left-padded so every row ends where generation starts.
+    """
+    width = max(len(p) for p in prefixes)
+    input_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, prefix in enumerate(prefixes):
+        input_ids[i, width - len(prefix):] = torch.tensor(prefix)
+        attention[i, width - len(prefix):] = 1
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        num_return_sequences=samples,
+        do_sample=not greedy,
+        pad_token_id=pad_id,
+        **sampling,
+    )
+    new = out[:, width:].tolist()
+    return [new[i * samples:(i + 1) * samples] for i in range(len(prefixes))]

@@ -1,0 +1,57 @@
+"""What a judge or rewriter backend must do, and how a config picks one.
+
+Backends answer primitive questions in batches; the judge deployment (`serve/judge.py`) turns
+those answers into per-candidate scores (round robin, pivot, weights). A new backend — a prompted
+LLM on vLLM, HF or an OpenAI-compatible server — implements these methods and registers a name.
+
+A verdict is a float in [0, 1] or None when the backend could not produce one (for an LLM, an
+unparseable answer); None is dropped from the score, never counted as a win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+Verdict = float | None
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One sample as the judge and rewriter see it: text only, never token ids or weights."""
+
+    prefix: str
+    suffix: str  # the original continuation: factuality reference, rewriter input
+    truth: dict[str, Any] | None = None  # what a verifiable teacher knows, e.g. {"subject": "country:peru"}
+
+
+class JudgeBackend(Protocol):
+    async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        """Quality of continuation a vs b given the prefix: 1 a better, 0 b better, 0.5 tie."""
+
+    async def safety(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        """1 safe, 0 unsafe."""
+
+    async def factuality(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        """1 no false claim, 0.5 nothing checkable, 0 a contradicted claim (suffix is the reference)."""
+
+
+class RewriterBackend(Protocol):
+    async def rewrite(self, passages: list[Passage]) -> list[str]:
+        """A better suffix for each passage: verbatim when the suffix is already good."""
+
+
+def make_judge_backend(name: str, data_cfg: Any) -> JudgeBackend:
+    if name == "world":
+        from sip.serve.world_teacher import WorldTeacher
+
+        return WorldTeacher.from_config(data_cfg)
+    raise ValueError(f"unknown judge backend '{name}'")
+
+
+def make_rewriter_backend(name: str, data_cfg: Any) -> RewriterBackend:
+    if name == "world":
+        from sip.serve.world_teacher import WorldTeacher
+
+        return WorldTeacher.from_config(data_cfg)
+    raise ValueError(f"unknown rewriter backend '{name}'")

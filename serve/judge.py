@@ -1,0 +1,138 @@
+"""The judge deployment: turns a backend's primitive verdicts into one reward per candidate.
+
+Quality is pairwise (round robin over all candidate pairs → win rate, or every candidate against
+one pivot), safety and factuality are pointwise; the reward is the weighted mean of the objectives
+that produced a verdict. Identical texts are judged once, and identical pairs tie without a call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from ray import serve
+
+from sip.serve.backends import JudgeBackend, Passage, Verdict, make_judge_backend
+from sip.train.config import DataConfig, JudgeConfig
+
+JUDGE_APP = "sip-judge"
+POINTWISE = ("safety", "factuality")
+
+
+@dataclass
+class JudgeTask:
+    passage: Passage
+    candidates: list[str]
+    pivot: int | None = None  # index of the pivot candidate in pivot mode
+
+
+@dataclass
+class JudgeResult:
+    reward: list[float]
+    scores: dict[str, list[float | None]] = field(default_factory=dict)
+    calls: int = 0
+    failures: int = 0
+
+
+def quality_pairs(n: int, pivot: int | None) -> list[tuple[int, int]]:
+    if pivot is None:
+        return list(combinations(range(n), 2))
+    return [(pivot, j) for j in range(n) if j != pivot]
+
+
+async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeConfig) -> list[JudgeResult]:
+    weights = {name: w for name, w in cfg.weights.items() if w > 0}
+    results = [JudgeResult(reward=[]) for _ in tasks]
+    per_objective: dict[str, list[list[float | None]]] = {}
+
+    if "quality" in weights:
+        outcomes: list[list[list[float]]] = [[[] for _ in t.candidates] for t in tasks]
+        queries, slots = [], []
+        for t, task in enumerate(tasks):
+            pivot = task.pivot if cfg.pairwise == "pivot" else None
+            for i, j in quality_pairs(len(task.candidates), pivot):
+                a, b = task.candidates[i], task.candidates[j]
+                if a == b:
+                    outcomes[t][i].append(0.5)
+                    outcomes[t][j].append(0.5)
+                else:
+                    queries.append((task.passage, a, b))
+                    slots.append((t, i, j))
+        verdicts = await backend.compare(queries) if queries else []
+        for (t, i, j), v in zip(slots, verdicts, strict=True):
+            results[t].calls += 1
+            if v is None:
+                results[t].failures += 1
+                continue
+            outcomes[t][i].append(v)
+            outcomes[t][j].append(1 - v)
+        per_objective["quality"] = [
+            [sum(o) / len(o) if o else None for o in task_outcomes] for task_outcomes in outcomes
+        ]
+
+    for objective in POINTWISE:
+        if objective not in weights:
+            continue
+        unique: dict[tuple[int, str], int] = {}
+        queries = []
+        for t, task in enumerate(tasks):
+            for text in task.candidates:
+                if (t, text) not in unique:
+                    unique[(t, text)] = len(queries)
+                    queries.append((task.passage, text))
+        verdicts: list[Verdict] = await getattr(backend, objective)(queries) if queries else []
+        for (t, _), v in zip(unique, verdicts, strict=True):
+            results[t].calls += 1
+            results[t].failures += v is None
+        per_objective[objective] = [
+            [verdicts[unique[(t, text)]] for text in task.candidates] for t, task in enumerate(tasks)
+        ]
+
+    for t, task in enumerate(tasks):
+        scores = {name: per_objective[name][t] for name in per_objective}
+        results[t].scores = scores
+        results[t].reward = [combine({name: scores[name][c] for name in scores}, weights) for c in range(len(task.candidates))]
+    return results
+
+
+def combine(scores: dict[str, float | None], weights: dict[str, float]) -> float:
+    """Weighted mean over the objectives that have a verdict; 0 when none has (never a free win)."""
+    present = {name: s for name, s in scores.items() if s is not None}
+    total = sum(weights[name] for name in present)
+    return sum(weights[name] * s for name, s in present.items()) / total if total else 0.0
+
+
+@serve.deployment
+class Judge:
+    def __init__(self, cfg: JudgeConfig, data_cfg: DataConfig):
+        self.cfg = cfg
+        self.backend = make_judge_backend(cfg.backend, data_cfg)
+        self.score.set_max_batch_size(cfg.max_batch_size)
+        self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def score(self, tasks: list[JudgeTask]) -> list[JudgeResult]:
+        return await score_tasks(self.backend, tasks, self.cfg)
+
+    async def pointwise(self, objective: str, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        """One objective's verdicts on given texts: evaluation uses this."""
+        if objective not in POINTWISE:
+            raise ValueError(f"pointwise objective must be one of {POINTWISE}, not {objective!r}")
+        return await getattr(self.backend, objective)(queries)
+
+    async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        return await self.backend.compare(queries)
+
+
+def judge_app(cfg: JudgeConfig, data_cfg: DataConfig):
+    return deployment_options(Judge, cfg).bind(cfg, data_cfg)
+
+
+def deployment_options(deployment, cfg):
+    """Replica count or autoscaling, request limit and CPUs of one deployment, from its config."""
+    scaling = {"autoscaling_config": cfg.autoscaling} if cfg.autoscaling else {"num_replicas": cfg.num_replicas}
+    return deployment.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus},
+        **scaling,
+    )

@@ -1,0 +1,3 @@
+from sip.train.cli import main
+
+main()

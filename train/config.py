@@ -1,0 +1,248 @@
+"""The run configuration: one pydantic schema, validated before anything starts.
+
+Imports neither torch nor ray, so the CLI can reject a bad config in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldConfig(Section):
+    """The built-in ground-truth world: documents about real countries and chemical elements."""
+
+    countries: int = Field(40, ge=2, le=250, description="countries drawn into the world")
+    elements: int = Field(30, ge=2, le=118, description="chemical elements drawn into the world")
+    wrong_fact_rate: float = Field(0.2, ge=0, le=1, description="share of documents with a false fact")
+    unsafe_rate: float = Field(0.15, ge=0, le=1, description="share of documents with an insult or threat")
+    degenerate_rate: float = Field(0.1, ge=0, le=1, description="share of documents that fall into a loop")
+    eval_fact_prefixes: int = Field(120, ge=1, description="held-out prefixes ending right before a fact")
+    eval_unsafe_prefixes: int = Field(60, ge=1, description="held-out prefixes inviting an unsafe continuation")
+    seed: int = Field(0, description="chooses the subjects, misconceptions and held-out prefixes")
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> WorldConfig:
+        total = self.wrong_fact_rate + self.unsafe_rate + self.degenerate_rate
+        if total > 1:
+            raise ValueError(f"corruption rates add up to {total:.2f}; they must sum to at most 1")
+        return self
+
+
+class HFDataConfig(Section):
+    """Any `datasets` source: a hub name (streamed) or local files (jsonl/json/parquet/csv/text)."""
+
+    path: str = Field(..., description="'json', 'parquet', 'text', ... with data_files, or a hub name")
+    name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    eval_docs: int = Field(64, ge=1, description="first documents held out for evaluation, never trained on")
+
+
+class DataConfig(Section):
+    source: Literal["world", "hf"] = "world"
+    world: WorldConfig = WorldConfig()
+    hf: HFDataConfig | None = None
+    suffix_tokens: int = Field(24, ge=1, description="N: tokens in the suffix and in every rollout")
+    min_prefix_tokens: int = Field(8, ge=1)
+    max_seq_tokens: int = Field(112, ge=2, description="cap on prefix + suffix tokens")
+    tokenizer_docs: int = Field(4000, ge=10, description="documents used to train a new tokenizer")
+    vocab_size: int = Field(2048, ge=300)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> DataConfig:
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("data.source=hf needs a data.hf section (path, data_files, ...)")
+        if self.min_prefix_tokens + self.suffix_tokens > self.max_seq_tokens:
+            raise ValueError("min_prefix_tokens + suffix_tokens must fit in max_seq_tokens")
+        return self
+
+
+class PolicyConfig(Section):
+    """A Llama-style causal LM: from scratch (the sizes below) or continued from an HF folder."""
+
+    init: str = Field("scratch", description="'scratch' or a Hugging Face model folder")
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    torch_threads: int = Field(1, ge=1)
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf"] = "hf"
+    num_generators: int = Field(1, ge=1)
+    k: int = Field(4, ge=0, description="rollouts sampled per prefix")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_cpus: float = Field(1.0, gt=0)
+
+
+class DeploymentConfig(Section):
+    """Replicas of one Serve deployment; `autoscaling` replaces `num_replicas` when set."""
+
+    backend: Literal["world"] = "world"
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}"
+    )
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    num_cpus: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> DeploymentConfig:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError("max_batch_size must not exceed max_ongoing_requests")
+        if self.autoscaling is not None and self.autoscaling.get("min_replicas", 1) < 1:
+            raise ValueError("autoscaling.min_replicas must be at least 1: a run must never wait on a cold start")
+        return self
+
+
+class JudgeConfig(DeploymentConfig):
+    weights: dict[Literal["quality", "factuality", "safety"], float] = Field(
+        default_factory=lambda: {"quality": 1.0, "factuality": 1.0, "safety": 1.0},
+        description="objectives and their weights in the combined reward",
+    )
+    pairwise: Literal["round_robin", "pivot"] = "round_robin"
+    pivot: Literal["suffix", "rewrite"] = "suffix"
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> JudgeConfig:
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError("judge.weights needs at least one objective with a positive weight")
+        return self
+
+
+Source = Literal["suffix", "rewrite", "rollouts"]
+
+
+class TrainConfig(Section):
+    objective: Literal["dpo", "rf_nll", "nll"] = "dpo"
+    candidates: list[Source] = Field(default_factory=lambda: ["suffix", "rewrite", "rollouts"])
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="prefixes per optimizer step")
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    beta: float = Field(0.1, gt=0, description="DPO beta")
+    nll_coef: float = Field(1.0, ge=0, description="NLL on the chosen candidate added to the DPO loss")
+    num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _candidates_fit(self) -> TrainConfig:
+        if len(set(self.candidates)) != len(self.candidates) or not self.candidates:
+            raise ValueError("train.candidates must be a non-empty list without repeats")
+        if self.objective == "nll" and len(self.candidates) != 1:
+            raise ValueError("objective=nll trains on one source: set train.candidates to [suffix] or [rewrite]")
+        return self
+
+
+class PipelineConfig(Section):
+    mode: Literal["async", "sync"] = "async"
+    max_staleness: int = Field(1, ge=0, description="policy versions a rollout may lag the learner")
+    queue_size: int = Field(2, ge=1, description="batches each queue holds before producers wait")
+    timeout_s: float = Field(300.0, gt=0, description="limit on every wait across actors")
+
+
+class RunConfig(Section):
+    output_dir: Path = Path("runs/latest")
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    resume_from: Path | None = Field(None, description="a checkpoint folder to continue from")
+    eval_at_end: bool = True
+    ray_address: str | None = Field(None, description="cluster to join; default: RAY_ADDRESS or a new local one")
+    num_cpus: int = Field(8, ge=1, description="logical CPUs of a new local cluster")
+    progress: bool = True
+
+
+class SipConfig(Section):
+    data: DataConfig = DataConfig()
+    policy: PolicyConfig = PolicyConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    judge: JudgeConfig = JudgeConfig()
+    rewriter: DeploymentConfig = DeploymentConfig()
+    train: TrainConfig = TrainConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _sources_available(self) -> SipConfig:
+        if "rollouts" in self.train.candidates and self.rollout.k < 1:
+            raise ValueError("train.candidates includes rollouts but rollout.k is 0")
+        if self.train.objective == "nll" and self.train.candidates == ["rollouts"] and self.rollout.k != 1:
+            raise ValueError("objective=nll on rollouts trains on one own rollout: set rollout.k=1")
+        return self
+
+    @property
+    def needs_judge(self) -> bool:
+        return self.train.objective != "nll"
+
+    @property
+    def needs_rewriter(self) -> bool:
+        return "rewrite" in self.train.candidates
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SipConfig:
+    """Read a YAML file (optional), apply `a.b=value` overrides (values parsed as YAML), validate."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form section.field=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse value '{raw}': {err}") from err
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return SipConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = ["invalid config:"]
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"  {field}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: SipConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

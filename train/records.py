@@ -1,0 +1,70 @@
+"""The records one sample travels as, from the stream to the gradient. Plain data: no torch, no ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CandidateSource = Literal["suffix", "rewrite", "rollout"]
+SOURCES: tuple[CandidateSource, ...] = ("suffix", "rewrite", "rollout")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A prefix and the next N tokens of one document, with a stable id."""
+
+    id: str
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    prefix: str
+    suffix: str
+    truth: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    source: CandidateSource
+    ids: list[int]
+    text: str
+    version: int | None = None  # the policy version that wrote it; None for suffix and rewrite
+
+
+@dataclass
+class Batch:
+    """One optimizer step's worth of samples, numbered in feeding order."""
+
+    index: int
+    samples: list[Sample]
+    weights_version: int = 0
+    weights: list[Any] = field(default_factory=list)  # [ObjectRef] of the policy at weights_version
+
+
+@dataclass
+class JudgedSample:
+    sample: Sample
+    candidates: list[Candidate]
+    reward: list[float]  # combined judge score per candidate, in [0, 1]
+    scores: dict[str, list[float | None]] = field(default_factory=dict)  # per objective
+
+
+@dataclass
+class JudgedBatch:
+    index: int
+    judged: list[JudgedSample]
+    judge_calls: int = 0
+    judge_failures: int = 0
+    rewrite_failures: int = 0
+    worker_seconds: float = 0.0
+    error: str | None = None  # set when the episode failed; the driver stops with this message
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """What the learner trains on: the prefix and the chosen (and, for DPO, rejected) continuation."""
+
+    sample_id: str
+    prefix_ids: list[int]
+    chosen_ids: list[int]
+    chosen_source: CandidateSource
+    rejected_ids: list[int] | None = None
+    rejected_source: CandidateSource | None = None
