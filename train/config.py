@@ -19,7 +19,7 @@ class Section(BaseModel):
 class WorldConfig(Section):
     """The built-in ground-truth world: documents about real countries and chemical elements."""
 
-    countries: int = Field(40, ge=2, le=250, description="countries drawn into the world")
+    countries: int = Field(40, ge=2, le=205, description="countries drawn into the world")
     elements: int = Field(30, ge=2, le=118, description="chemical elements drawn into the world")
     wrong_fact_rate: float = Field(0.2, ge=0, le=1, description="share of documents with a false fact")
     unsafe_rate: float = Field(0.15, ge=0, le=1, description="share of documents with an insult or threat")

@@ -10,6 +10,7 @@ is the same code with max_staleness = 0: each batch is generated, judged and tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -72,6 +73,7 @@ def deploy_teachers(cfg: SipConfig) -> list[str]:
     from sip.serve.judge import JUDGE_APP, judge_app
     from sip.serve.rewriter import REWRITER_APP, rewriter_app
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
     apps = [(JUDGE_APP, judge_app(cfg.judge, cfg.data))]
     if cfg.needs_rewriter:

@@ -1,0 +1,159 @@
+import importlib.util
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from sip.train.config import WorldConfig
+from sip.train.world import (
+    EVAL_INTROS,
+    INSULT_ADJECTIVES,
+    INSULT_NOUNS,
+    LEAD_INS,
+    MAX_WORDS,
+    MIN_WORDS,
+    World,
+    fill,
+    relations_for,
+    sentence_case,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World.from_config(WorldConfig())
+
+
+@pytest.fixture(scope="module")
+def docs(world):
+    return list(islice(world.documents(seed=0), 2000))
+
+
+@pytest.fixture(scope="module")
+def teacher(world):
+    from sip.serve.world_teacher import WorldTeacher
+
+    return WorldTeacher(world)
+
+
+def test_subjects_are_a_seeded_choice_of_the_configured_size(world):
+    kinds = Counter(s.kind for s in world.subjects.values())
+    assert kinds == {"country": 40, "element": 30}
+    assert list(World(WorldConfig()).subjects) == list(world.subjects)
+    assert list(World(WorldConfig(seed=1)).subjects) != list(world.subjects)
+    for subject in world.subjects.values():
+        assert set(subject.facts) == {r.name for r in relations_for(subject.kind)}
+        assert subject.key.startswith(subject.kind + ":")
+
+
+def test_from_config_is_cached_per_config(world):
+    assert World.from_config(WorldConfig()) is world
+    assert World.from_config(WorldConfig(seed=3)) is not world
+
+
+def test_documents_are_deterministic_per_seed_and_index(world):
+    again = World(WorldConfig())
+    for index in (0, 7, 12345):
+        assert world.document(index, seed=5) == again.document(index, seed=5)
+    first = [d.text for d in islice(world.documents(seed=0), 50)]
+    other = [d.text for d in islice(world.documents(seed=1), 50)]
+    assert sum(a != b for a, b in zip(first, other)) > 45
+    assert [d.index for d in islice(world.documents(seed=0, start=10), 3)] == [10, 11, 12]
+    assert next(world.documents(seed=0, start=10)) == world.document(10, seed=0)
+
+
+def test_documents_are_short_plain_and_varied(docs):
+    for doc in docs:
+        assert MIN_WORDS <= len(doc.text.split()) <= MAX_WORDS, doc.text
+        assert doc.text.isascii()
+    openings = Counter(doc.text.split(" ", 2)[0] for doc in docs)
+    assert len(openings) > 30  # many document shapes and intros, not one template
+    assert len({doc.subject for doc in docs}) == 70
+
+
+def test_corruption_shares_match_the_configured_rates(world, docs):
+    shares = Counter(doc.corruption for doc in docs)
+    cfg = world.cfg
+    for corruption, rate in (("wrong_fact", cfg.wrong_fact_rate), ("unsafe", cfg.unsafe_rate),
+                             ("degenerate", cfg.degenerate_rate)):
+        assert abs(shares[corruption] / len(docs) - rate) < 0.04, shares
+
+
+def test_rates_of_zero_give_only_clean_documents():
+    world = World(WorldConfig(wrong_fact_rate=0, unsafe_rate=0, degenerate_rate=0))
+    assert {d.corruption for d in islice(world.documents(seed=0), 300)} == {None}
+
+
+def test_misconceptions_are_fixed_wrong_values(world, docs, teacher):
+    for (key, relation), wrong in world.misconceptions.items():
+        assert wrong != world.subjects[key].facts[relation]
+    stated = [c for d in docs if d.corruption == "wrong_fact" for c in teacher.claims(d.text, d.subject) if not c.correct]
+    assert stated
+    for claim in stated:  # the same wrong value every time: a consistent misconception
+        assert claim.value == world.misconceptions[(claim.subject, claim.relation)]
+
+
+def test_wrong_fact_documents_hold_a_false_claim_and_others_none(docs, teacher):
+    for doc in docs:
+        claims = teacher.claims(doc.text, doc.subject)
+        false = [c for c in claims if not c.correct]
+        if doc.corruption == "wrong_fact":
+            assert false, doc.text
+        else:
+            assert not false, (doc.text, false)
+        if doc.corruption is None:
+            assert claims, doc.text
+
+
+def test_unsafe_lead_ins_appear_only_in_unsafe_documents(world, docs):
+    for doc in docs:
+        subject = world.subjects[doc.subject]
+        has_lead_in = any(fill(lead_in.text, subject) in doc.text for lead_in in LEAD_INS)
+        assert has_lead_in == (doc.corruption == "unsafe"), doc.text
+
+
+def test_degenerate_documents_fall_into_a_loop(docs):
+    from sip.serve.world_teacher import is_degenerate
+
+    for doc in docs:
+        assert is_degenerate(doc.text) == (doc.corruption == "degenerate"), doc.text
+
+
+def test_insult_words_come_from_the_profanity_lexicon():
+    folder = Path(importlib.util.find_spec("better_profanity").submodule_search_locations[0])
+    lexicon = set((folder / "profanity_wordlist.txt").read_text().split())
+    assert set(INSULT_NOUNS + INSULT_ADJECTIVES) <= lexicon
+
+
+def test_eval_prefixes_have_the_requested_counts_and_are_deterministic(world):
+    prefixes = world.eval_prefixes()
+    kinds = Counter(p.kind for p in prefixes)
+    assert kinds == {"fact": world.cfg.eval_fact_prefixes, "unsafe": world.cfg.eval_unsafe_prefixes}
+    assert prefixes == World(WorldConfig()).eval_prefixes()
+    assert len({p.id for p in prefixes}) == len({p.text for p in prefixes}) == len(prefixes)
+    small = World(WorldConfig(countries=2, elements=2, eval_fact_prefixes=7, eval_unsafe_prefixes=5))
+    assert Counter(p.kind for p in small.eval_prefixes()) == {"fact": 7, "unsafe": 5}
+
+
+def test_eval_prefixes_end_at_a_fact_or_a_lead_in(world, teacher):
+    for p in world.eval_prefixes():
+        subject = world.subjects[p.subject]
+        assert p.text == p.text.rstrip() and p.reference.startswith(" ")
+        if p.kind == "fact":
+            # The reference supplies the missing value: with it the prefix's last claim is true.
+            assert teacher.factuality_score(p.reference, p.subject, prefix=p.text) == 1.0
+            assert any(p.reference[1:].startswith(v) for v in subject.facts.values())
+        else:
+            assert any(p.text.endswith(fill(lead_in.text, subject)) for lead_in in LEAD_INS)
+            assert teacher.safety_score(p.reference) == 1.0
+        assert teacher.factuality_score(p.text, p.subject) != 0.0
+
+
+def test_eval_prefixes_never_occur_in_training_documents(world):
+    prefixes = world.eval_prefixes()
+    intros = {sentence_case(fill(intro, s)) for s in world.subjects.values() for intro in EVAL_INTROS}
+    for seed in (0, 1, 2):
+        for doc in islice(world.documents(seed=seed), 1000):
+            assert not any(p.text in doc.text for p in prefixes)
+            assert not any(intro in doc.text for intro in intros)
