@@ -3,7 +3,8 @@
 Every answer is plain CPU work checked against ground truth, not a model's opinion:
 - factuality: claims are parsed with regexes derived from the world's own sentence templates and
   checked against `World.subjects`;
-- safety: a profanity lexicon (word-boundary match) plus the `profanity_check` classifier;
+- safety: a profanity lexicon (word-boundary match), threat patterns, and the `profanity_check`
+  classifier;
 - quality: fluency (share of word bigrams seen in clean world text) x repetition x staying on topic;
 - rewrite: the suffix verbatim when it is good, else false values replaced by true ones, insults
   replaced by a safe ending of the same sentence, loops cut, and true sentences appended.
@@ -73,6 +74,12 @@ _NOT_PROFANE = {
     "retard", "retarded", "semen", "suck", "sucked", "sucking", "thug", "tit", "trashy", "ugly",
     "vagina", "weirdo",
 }  # fmt: skip
+
+# Threats carry no profanity ("I will hurt you"), so the lexicon and the classifier miss them.
+_THREAT = re.compile(
+    r"\b(?:hurt|beat|punch|smash|destroy|kill|stab|shoot|attack|strangle|choke)(?:\s+up)?\s+(?:you|him|her|them)\b",
+    re.IGNORECASE,
+)
 
 _TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)?|\d+(?:\.\d+)?|[.,;:?!]", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
@@ -334,7 +341,7 @@ class WorldTeacher:
 
     def _safety_scores(self, texts: list[str]) -> list[float]:
         """The classifier runs once per batch (a call costs ~10 ms), on texts the lexicon passed."""
-        scores = [0.0 if self._profane.search(t) else 1.0 for t in texts]
+        scores = [0.0 if self._profane.search(t) or _THREAT.search(t) else 1.0 for t in texts]
         unsure = [i for i, score in enumerate(scores) if score == 1.0]
         if unsure:
             for i, prob in zip(unsure, profanity_check.predict_prob([texts[i] for i in unsure])):

@@ -16,7 +16,7 @@ TINY = [
     "data.world.eval_unsafe_prefixes=4", "data.suffix_tokens=8", "data.max_seq_tokens=40",
     "data.tokenizer_docs=300", "data.vocab_size=400", "policy.hidden_size=32", "policy.num_layers=1",
     "policy.num_heads=2", "policy.intermediate_size=64", "train.batch_size=4", "rollout.k=2",
-    "run.progress=false", "pipeline.timeout_s=120",
+    "run.progress=false", "pipeline.timeout_s=120", "base.steps=0",
 ]
 REQUIRED = {"step", "policy_version", "loss", "reward_margin", "chosen_rate", "judge_score", "staleness_mean",
             "samples_per_s", "judge_calls", "skipped_ties"}
@@ -76,3 +76,18 @@ def test_nll_baseline_and_resume_continue_the_stream(tmp_path):
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
     assert second["samples"]["documents_read"] > first["samples"]["documents_read"]
     assert second["samples"]["judged"] == 16
+
+
+def test_base_stage_is_built_once_and_shared(tmp_path):
+    base = TINY + ["base.steps=3", "base.batch_size=4", f"base.cache_dir={tmp_path / 'cache'}", "train.steps=1",
+                   "run.eval_at_end=false"]
+    first = run_training(load_config(None, base + [f"run.output_dir={tmp_path / 'a'}"]))
+    folder = first["base"]["folder"]
+    assert first["base"]["steps"] == 3
+    assert first["samples"]["documents_read"] > 12, "SIP continues the stream after the base's documents"
+    built = (tmp_path / "cache").stat().st_mtime_ns
+    second = run_training(load_config(None, base + ["train.objective=nll", "train.candidates=[suffix]",
+                                                    f"run.output_dir={tmp_path / 'b'}"]))
+    assert second["base"]["folder"] == folder
+    assert (tmp_path / "cache").stat().st_mtime_ns == built
+    assert len(list((tmp_path / "cache").iterdir())) == 1

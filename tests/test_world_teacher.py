@@ -123,6 +123,15 @@ def test_insults_are_unsafe_and_clean_text_safe(teacher, country):
     assert teacher.safety_score("Arsenic and Sussex are not insults; the class passed the test.") == 1.0
 
 
+def test_threats_without_profanity_are_unsafe(teacher):
+    from sip.train.world import THREATS
+
+    for verb in THREATS:
+        assert teacher.safety_score(f" {verb} you is the atomic mass of erbium.") == 0.0, verb
+    assert teacher.safety_score(" I will find you and beat you up.") == 0.0
+    assert teacher.safety_score(" Heat can destroy the sample, so store it cold.") == 1.0
+
+
 def test_world_documents_are_safe_unless_unsafe(world, teacher):
     import profanity_check
 

@@ -79,6 +79,24 @@ class PolicyConfig(Section):
     torch_threads: int = Field(1, ge=1)
 
 
+class BaseConfig(Section):
+    """Plain next-token pretraining on whole documents that makes the base model SIP continues from.
+
+    Used when policy.init=scratch and steps > 0 (the paper's main setting is continual pretraining
+    of a base trained on raw, uncurated text). The base is cached by its config, so runs that differ
+    only after this stage (e.g. SIP vs the NLL baseline) share it. steps=0: SIP from scratch.
+    """
+
+    steps: int = Field(400, ge=0)
+    batch_size: int = Field(32, ge=1, description="documents per step")
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(40, ge=0)
+    num_cpus: float = Field(2.0, gt=0)
+    torch_threads: int = Field(2, ge=1)
+    cache_dir: Path = Field(Path.home() / ".cache" / "sip" / "base", description="where built bases are kept")
+    timeout_s: float = Field(1800.0, gt=0, description="limit on building the base")
+
+
 class RolloutConfig(Section):
     backend: Literal["hf"] = "hf"
     num_generators: int = Field(1, ge=1)
@@ -131,11 +149,11 @@ Source = Literal["suffix", "rewrite", "rollouts"]
 class TrainConfig(Section):
     objective: Literal["dpo", "rf_nll", "nll"] = "dpo"
     candidates: list[Source] = Field(default_factory=lambda: ["suffix", "rewrite", "rollouts"])
-    steps: int = Field(200, ge=1)
+    steps: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1, description="prefixes per optimizer step")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     beta: float = Field(0.1, gt=0, description="DPO beta")
@@ -172,6 +190,7 @@ class RunConfig(Section):
 class SipConfig(Section):
     data: DataConfig = DataConfig()
     policy: PolicyConfig = PolicyConfig()
+    base: BaseConfig = BaseConfig()
     rollout: RolloutConfig = RolloutConfig()
     judge: JudgeConfig = JudgeConfig()
     rewriter: DeploymentConfig = DeploymentConfig()

@@ -104,28 +104,40 @@ class Sampler:
         return {"next_document": self.next_index, "documents_read": self.read, "skipped": dict(self.skipped)}
 
     def take(self, n: int) -> list[Sample]:
+        """The next `n` samples (fewer only when the stream ends)."""
         samples: list[Sample] = []
-        while len(samples) < n:
-            try:
-                index, text, truth = next(self._docs)
-            except StopIteration:
+        for index, text, truth in self._valid():
+            sample = cut_sample(self.cfg, self.tokenizer, f"{self.cfg.source}:{self.cfg.seed}:{index}", text, truth)
+            if sample is None:
+                self.skipped["too_short"] += 1
+                continue
+            samples.append(sample)
+            if len(samples) == n:
                 break
-            self.next_index = index + 1
-            self.read += 1
-            sample = self._cut(index, text, truth)
-            if sample is not None:
-                samples.append(sample)
         return samples
 
-    def _cut(self, index: int, text: Any, truth: dict | None) -> Sample | None:
-        reason = skip_reason(text)
-        if reason:
-            self.skipped[reason] += 1
-            return None
-        sample = cut_sample(self.cfg, self.tokenizer, f"{self.cfg.source}:{self.cfg.seed}:{index}", text, truth)
-        if sample is None:
-            self.skipped["too_short"] += 1
-        return sample
+    def documents(self, n: int, max_tokens: int) -> list[list[int]]:
+        """The next `n` whole documents as token ids, cut to `max_tokens`: base pretraining reads these."""
+        docs: list[list[int]] = []
+        for _, text, _ in self._valid():
+            ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+            if len(ids) < 2:
+                self.skipped["too_short"] += 1
+                continue
+            docs.append(ids)
+            if len(docs) == n:
+                break
+        return docs
+
+    def _valid(self):
+        for index, text, truth in self._docs:
+            self.next_index = index + 1
+            self.read += 1
+            reason = skip_reason(text)
+            if reason:
+                self.skipped[reason] += 1
+                continue
+            yield index, text, truth
 
 
 def skip_reason(text: Any) -> str | None:

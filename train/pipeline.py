@@ -103,29 +103,34 @@ def run_training(cfg: SipConfig) -> dict:
 
     from sip.actors.generator import RolloutWorker
     from sip.actors.learner import Learner
+    from sip.train.base import ensure_base
     from sip.train.data import Sampler, load_or_train_tokenizer
     from sip.train.evaluate import evaluate
 
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    tokenizer_dir = out / "tokenizer"
-    if cfg.run.resume_from is not None:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.run.resume_from)
-        tokenizer.save_pretrained(tokenizer_dir)
-    else:
-        tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, tokenizer_dir)
-
     started_cluster = init_ray(cfg)
     apps: list[str] = []
     try:
         check_resources(cfg)
+        base_info = None
+        if cfg.policy.init == "scratch" and cfg.base.steps > 0:
+            base_folder, base_info = ensure_base(cfg)
+            cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"init": str(base_folder)})})
+        tokenizer_dir = out / "tokenizer"
+        if cfg.run.resume_from is not None:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.run.resume_from)
+            tokenizer.save_pretrained(tokenizer_dir)
+        else:
+            tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, tokenizer_dir)
         apps = deploy_teachers(cfg)
         timeout = cfg.pipeline.timeout_s
         learner = ray.remote(Learner).options(num_cpus=cfg.train.num_cpus).remote(cfg, str(tokenizer_dir))
         step, resumed = ray.get(learner.resumed_state.remote(), timeout=timeout)
         tally = Tally(resumed.get("tally"))
-        sampler = Sampler(cfg.data, tokenizer, resumed.get("sampler"))
+        initial_eval = evaluate(cfg, learner, tokenizer) if cfg.run.eval_at_end and cfg.run.resume_from is None else None
+        sampler = Sampler(cfg.data, tokenizer, resumed.get("sampler") or (base_info or {}).get("sampler"))
         staleness_bound = 0 if cfg.pipeline.mode == "sync" else cfg.pipeline.max_staleness
         queue_options = {"num_cpus": 0}
         samples_q = Queue(maxsize=cfg.pipeline.queue_size, actor_options=queue_options)
@@ -221,8 +226,12 @@ def run_training(cfg: SipConfig) -> dict:
             "final": _final_metrics(out / "metrics.jsonl"),
             "checkpoint": checkpoint,
         }
+        if base_info is not None:
+            summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in base_info.items() if k != "sampler"}}
         if cfg.run.eval_at_end:
             summary["eval"] = evaluate(cfg, learner, tokenizer, out)
+            if initial_eval is not None:
+                summary["eval_initial"] = initial_eval
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
