@@ -91,3 +91,23 @@ def test_base_stage_is_built_once_and_shared(tmp_path):
     assert second["base"]["folder"] == folder
     assert (tmp_path / "cache").stat().st_mtime_ns == built
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_plain_text_source_skips_and_counts_bad_documents(tmp_path):
+    from sip.train.world import World
+
+    world = World.from_config(load_config(None, TINY).data.world)
+    rows = []
+    docs = world.documents(seed=5)
+    for i in range(80):
+        rows.append({"text": "" if i % 9 == 0 else 7 if i % 9 == 1 else next(docs).text})
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "hf"
+    summary = run_training(load_config("configs/jsonl.yaml", TINY + [
+        f"data.hf.data_files={path}", "data.hf.eval_docs=5", "data.suffix_tokens=8", "data.max_seq_tokens=40",
+        "data.vocab_size=400", "train.steps=2", f"run.output_dir={out}"]))
+    skipped = summary["samples"]["documents_skipped"]
+    assert skipped.get("empty", 0) >= 1 and skipped.get("not_text", 0) >= 1
+    assert summary["samples"]["judged"] == 8
+    assert summary["eval"]["prompts"] >= 1

@@ -106,6 +106,7 @@ def run_training(cfg: SipConfig) -> dict:
     from sip.train.base import ensure_base
     from sip.train.data import Sampler, load_or_train_tokenizer
     from sip.train.evaluate import evaluate
+    from sip.train.plots import plot_run
 
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,9 +147,7 @@ def run_training(cfg: SipConfig) -> dict:
         fed = step
         sampler_states: dict[int, dict] = {step - 1: sampler.state()}
         pending: dict[int, JudgedBatch] = {}
-        metrics_file = open(out / "metrics.jsonl", "a")
         train_start = last = time.perf_counter()
-        first_step = step
         judged_before = tally.counts["samples_judged"]
 
         samples_fed = 0
@@ -169,9 +168,8 @@ def run_training(cfg: SipConfig) -> dict:
                 try:
                     batch: JudgedBatch = judged_q.get(timeout=timeout)
                 except Empty:
-                    failed = [r for r in ray.wait(worker_runs, timeout=0)[0]]
-                    if failed:
-                        ray.get(failed)  # raises the worker's error
+                    finished, _ = ray.wait(worker_runs, timeout=0)
+                    ray.get(finished)  # a worker that stopped early raises its error here
                     raise PipelineError(f"no judged batch within pipeline.timeout_s={timeout:g}s") from None
                 if batch.error:
                     raise PipelineError(f"rollout worker failed on batch {batch.index}: {batch.error}")
@@ -182,7 +180,7 @@ def run_training(cfg: SipConfig) -> dict:
             TextColumn("[bold]sip train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"), disable=not cfg.run.progress,
         )
-        with progress:
+        with progress, open(out / "metrics.jsonl", "a" if cfg.run.resume_from else "w") as metrics_file:
             bar = progress.add_task("train", total=cfg.train.steps, completed=step, status="")
             while step < cfg.train.steps:
                 feed()
@@ -200,7 +198,6 @@ def run_training(cfg: SipConfig) -> dict:
                 progress.update(bar, completed=step, status=_status(record))
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < cfg.train.steps:
                     _checkpoint(learner, out, step, sampler_states.pop(step - 1), tally, timeout)
-        metrics_file.close()
         for _ in workers:
             samples_q.put(None, timeout=timeout)
         ray.get(worker_runs, timeout=timeout)
@@ -212,7 +209,7 @@ def run_training(cfg: SipConfig) -> dict:
             "objective": cfg.train.objective,
             "mode": cfg.pipeline.mode,
             "train_seconds": round(train_seconds, 2),
-            "samples_per_s": round(tally.counts["samples_judged"] / train_seconds, 3) if step > first_step else 0.0,
+            "samples_per_s": round((tally.counts["samples_judged"] - judged_before) / train_seconds, 3),
             "samples": {
                 "documents_read": sampler.read,
                 "documents_skipped": dict(sampler.skipped),
@@ -226,6 +223,7 @@ def run_training(cfg: SipConfig) -> dict:
             "final": _final_metrics(out / "metrics.jsonl"),
             "checkpoint": checkpoint,
         }
+        plot_run(out / "metrics.jsonl", out / "curves.png")
         if base_info is not None:
             summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in base_info.items() if k != "sampler"}}
         if cfg.run.eval_at_end:
