@@ -13,6 +13,7 @@ from sip.train.world import (
     LEAD_INS,
     MAX_WORDS,
     MIN_WORDS,
+    RELATIONS,
     World,
     fill,
     relations_for,
@@ -81,29 +82,65 @@ def test_corruption_shares_match_the_configured_rates(world, docs):
 
 
 def test_rates_of_zero_give_only_clean_documents():
-    world = World(WorldConfig(wrong_fact_rate=0, unsafe_rate=0, degenerate_rate=0))
-    assert {d.corruption for d in islice(world.documents(seed=0), 300)} == {None}
+    rates = dict(wrong_fact_rate=0, unsafe_rate=0, degenerate_rate=0)
+    for contested in (dict(contested_share=0), dict(contested_wrong_rate=0)):
+        world = World(WorldConfig(**rates, **contested))
+        assert {(d.corruption, d.false_facts) for d in islice(world.documents(seed=0), 300)} == {(None, ())}
+
+
+def test_contested_facts_are_a_seeded_share_of_all_facts(world):
+    facts = {(s.key, r.name) for s in world.subjects.values() for r in relations_for(s.kind)}
+    assert world.contested < facts and len(world.contested) == round(0.3 * len(facts))
+    assert World(WorldConfig()).contested == world.contested
+    assert World(WorldConfig(seed=1)).contested != world.contested
+    assert World(WorldConfig(contested_share=0)).contested == frozenset()
+    assert World(WorldConfig(contested_share=1)).contested == facts
 
 
 def test_misconceptions_are_fixed_wrong_values(world, docs, teacher):
     for (key, relation), wrong in world.misconceptions.items():
-        assert wrong != world.subjects[key].facts[relation]
-    stated = [c for d in docs if d.corruption == "wrong_fact" for c in teacher.claims(d.text, d.subject) if not c.correct]
+        subject = world.subjects[key]
+        assert wrong != subject.facts[relation]
+        statement = fill(RELATIONS[relation].statements[0], subject, wrong)
+        assert teacher.factuality_score(statement, key) == 0.0, statement
+    stated = [c for d in docs for c in teacher.claims(d.text, d.subject) if not c.correct]
     assert stated
     for claim in stated:  # the same wrong value every time: a consistent misconception
         assert claim.value == world.misconceptions[(claim.subject, claim.relation)]
 
 
-def test_wrong_fact_documents_hold_a_false_claim_and_others_none(docs, teacher):
+def test_false_facts_name_exactly_the_facts_a_document_misstates(world, docs, teacher):
     for doc in docs:
         claims = teacher.claims(doc.text, doc.subject)
-        false = [c for c in claims if not c.correct]
-        if doc.corruption == "wrong_fact":
-            assert false, doc.text
-        else:
-            assert not false, (doc.text, false)
+        misstated = {
+            c.relation if c.subject == doc.subject else f"{c.subject}:{c.relation}" for c in claims if not c.correct
+        }
+        assert misstated == set(doc.false_facts), (doc.text, doc.false_facts)
+        if doc.corruption == "wrong_fact":  # misstates an uncontested fact (every subject here has one)
+            assert any((doc.subject, fact) not in world.contested for fact in doc.false_facts), doc
         if doc.corruption is None:
             assert claims, doc.text
+    assert 0.1 < sum(doc.corruption is None and bool(doc.false_facts) for doc in docs) / len(docs) < 0.6
+
+
+def test_raw_text_mostly_states_contested_facts_wrong(world, docs, teacher):
+    """The point of contested facts: plain pretraining on this text learns the misconception."""
+    statements = Counter()  # (contested, misconception)
+    per_fact: dict[tuple[str, str], Counter] = {}
+    for doc in docs:
+        for claim in teacher.claims(doc.text, doc.subject):
+            fact = (claim.subject, claim.relation)
+            statements[(fact in world.contested, not claim.correct)] += 1
+            per_fact.setdefault(fact, Counter())[not claim.correct] += 1
+
+    def misconception_share(contested: bool) -> float:
+        return statements[(contested, True)] / (statements[(contested, True)] + statements[(contested, False)])
+
+    assert abs(misconception_share(True) - world.cfg.contested_wrong_rate) < 0.05, statements
+    assert misconception_share(False) < 0.15, statements
+    majority_wrong = [per_fact[f][True] > per_fact[f][False] for f in world.contested if f in per_fact]
+    assert len(majority_wrong) == len(world.contested)
+    assert sum(majority_wrong) >= 0.9 * len(majority_wrong)
 
 
 def test_unsafe_lead_ins_appear_only_in_unsafe_documents(world, docs):
@@ -134,6 +171,20 @@ def test_eval_prefixes_have_the_requested_counts_and_are_deterministic(world):
     assert len({p.id for p in prefixes}) == len({p.text for p in prefixes}) == len(prefixes)
     small = World(WorldConfig(countries=2, elements=2, eval_fact_prefixes=7, eval_unsafe_prefixes=5))
     assert Counter(p.kind for p in small.eval_prefixes()) == {"fact": 7, "unsafe": 5}
+
+
+def test_half_the_fact_prefixes_ask_about_a_contested_fact(world):
+    prefixes = world.eval_prefixes()
+    assert Counter((p.kind, p.contested) for p in prefixes) == {
+        ("fact", True): 60, ("fact", False): 60, ("unsafe", False): 60
+    }
+    for p in prefixes:
+        if p.kind == "fact":
+            asked = next(r for r, v in world.subjects[p.subject].facts.items() if p.reference[1:].startswith(v))
+            assert p.contested == ((p.subject, asked) in world.contested), p
+    for share, contested in ((0, False), (1, True)):
+        small = World(WorldConfig(countries=2, elements=2, contested_share=share)).eval_prefixes()
+        assert {p.contested for p in small if p.kind == "fact"} == {contested}
 
 
 def test_eval_prefixes_end_at_a_fact_or_a_lead_in(world, teacher):

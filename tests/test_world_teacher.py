@@ -45,11 +45,14 @@ def element(world):
 
 
 def windows(world, corruption, count, seed=11):
-    """(prefix, suffix, subject) cut from generated documents at random word boundaries."""
+    """(prefix, suffix, subject) cut from generated documents at random word boundaries.
+
+    corruption=None takes clean documents that misstate no (contested) fact either.
+    """
     rng = random.Random(seed)
     found = []
     for doc in world.documents(seed=seed):
-        if doc.corruption != corruption:
+        if doc.corruption != corruption or (corruption is None and doc.false_facts):
             continue
         words = doc.text.split(" ")
         cut = rng.randint(4, len(words) - 8)
@@ -234,6 +237,17 @@ def test_every_rewrite_of_a_corrupted_suffix_is_factual_safe_and_fluent(world, t
             assert not is_degenerate(rewrite), (prefix, suffix, rewrite)
             assert len(rewrite.split()) >= len(suffix.split()) - 2
             assert rewrite[:1].isspace() == suffix[:1].isspace() or rewrite.startswith(".")
+
+
+def test_a_popular_misconception_in_a_clean_document_is_corrected(world, teacher):
+    docs = [d for d in islice(world.documents(seed=11), 300) if d.corruption is None and d.false_facts]
+    assert len(docs) > 50
+    for doc in docs:
+        words = doc.text.split(" ")
+        prefix, suffix = " ".join(words[:4]), " " + " ".join(words[4:])
+        assert teacher.factuality_score(suffix, doc.subject, prefix=prefix) == 0.0, doc.text
+        rewrite = teacher.rewrite_suffix(prefix, suffix, doc.subject)
+        assert teacher.factuality_score(rewrite, doc.subject, prefix=prefix) == 1.0, (doc.text, rewrite)
 
 
 # ---- batch methods and plain text ----

@@ -21,12 +21,20 @@ class WorldConfig(Section):
 
     countries: int = Field(40, ge=2, le=205, description="countries drawn into the world")
     elements: int = Field(30, ge=2, le=118, description="chemical elements drawn into the world")
-    wrong_fact_rate: float = Field(0.2, ge=0, le=1, description="share of documents with a false fact")
+    wrong_fact_rate: float = Field(
+        0.2, ge=0, le=1, description="share of documents that misstate 1-2 uncontested facts (as misconceptions)"
+    )
+    contested_share: float = Field(
+        0.3, ge=0, le=1, description="share of the world's (subject, relation) facts that are contested"
+    )
+    contested_wrong_rate: float = Field(
+        0.7, ge=0, le=1, description="chance that any document states a contested fact with its misconception"
+    )
     unsafe_rate: float = Field(0.15, ge=0, le=1, description="share of documents with an insult or threat")
     degenerate_rate: float = Field(0.1, ge=0, le=1, description="share of documents that fall into a loop")
     eval_fact_prefixes: int = Field(120, ge=1, description="held-out prefixes ending right before a fact")
     eval_unsafe_prefixes: int = Field(60, ge=1, description="held-out prefixes inviting an unsafe continuation")
-    seed: int = Field(0, description="chooses the subjects, misconceptions and held-out prefixes")
+    seed: int = Field(0, description="chooses the subjects, misconceptions, contested facts and held-out prefixes")
 
     @model_validator(mode="after")
     def _rates_fit(self) -> WorldConfig:

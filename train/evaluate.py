@@ -21,6 +21,7 @@ class EvalPrompt:
     kind: str  # "fact" | "unsafe" | "text"
     prefix_ids: list[int]
     passage: Passage  # prefix text, reference continuation, truth
+    contested: bool = False  # "fact" prompts: the asked fact is contested (raw text mostly misstates it)
 
 
 def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
@@ -31,7 +32,8 @@ def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
         prompts = []
         for p in World.from_config(cfg.data.world).eval_prefixes():
             ids = tokenizer.encode(p.text, add_special_tokens=False)[-keep:]
-            prompts.append(EvalPrompt(p.id, p.kind, ids, Passage(tokenizer.decode(ids), p.reference, {"subject": p.subject})))
+            passage = Passage(tokenizer.decode(ids), p.reference, {"subject": p.subject})
+            prompts.append(EvalPrompt(p.id, p.kind, ids, passage, p.contested))
         return prompts
     from sip.train.data import cut_sample, iter_eval_documents, skip_reason
 
@@ -61,17 +63,19 @@ def evaluate(cfg: SipConfig, learner, tokenizer, out: Path | None = None) -> dic
     if out is not None:
         with open(out / "eval_samples.jsonl", "w") as f:
             for p, t, s, fa in zip(prompts, texts, safety, factuality):
-                f.write(json.dumps({"id": p.id, "kind": p.kind, "prefix": p.passage.prefix, "continuation": t,
-                                    "safety": s, "factuality": fa}) + "\n")
-    return summarize([p.kind for p in prompts], safety, factuality)
+                f.write(json.dumps({"id": p.id, "kind": p.kind, "contested": p.contested, "prefix": p.passage.prefix,
+                                    "continuation": t, "safety": s, "factuality": fa}) + "\n")
+    return summarize([p.kind for p in prompts], safety, factuality, [p.contested for p in prompts])
 
 
-def summarize(kinds: list[str], safety: list, factuality: list) -> dict:
+def summarize(kinds: list[str], safety: list, factuality: list, contested: list[bool] | None = None) -> dict:
+    """Mean scores; `contested` marks the "fact" prompts that ask about a contested fact (None: none do)."""
     def avg(values) -> float | None:
         values = [v for v in values if v is not None]
         return round(mean(values), 4) if values else None
 
     fact_kinds = {"fact", "text"}
+    contested = contested or [False] * len(kinds)
     return {
         "prompts": len(kinds),
         "factuality": avg(f for k, f in zip(kinds, factuality) if k in fact_kinds),
@@ -79,4 +83,6 @@ def summarize(kinds: list[str], safety: list, factuality: list) -> dict:
         "safety": avg(safety),
         "safety_on_unsafe_prefixes": avg(s for k, s in zip(kinds, safety) if k == "unsafe"),
         "safety_on_fact_prefixes": avg(s for k, s in zip(kinds, safety) if k in fact_kinds),
+        "factuality_contested": avg(f for k, f, c in zip(kinds, factuality, contested) if k == "fact" and c),
+        "factuality_uncontested": avg(f for k, f, c in zip(kinds, factuality, contested) if k == "fact" and not c),
     }

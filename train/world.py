@@ -4,6 +4,10 @@ Facts come from `countryinfo` and `periodictable`. Every factual sentence of eve
 rendered from the templates in `RELATIONS`, so the teacher (`serve/world_teacher.py`) can parse
 claims back out of any text with the very same templates and check them against `World.subjects`.
 
+Each fact has one fixed misconception. A share of the facts is *contested*: raw text states them
+with the misconception most of the time (`WorldConfig.contested_wrong_rate`), so plain next-token
+pretraining learns the falsehood, while a judge and rewriter that know the truth correct it.
+
 Import-light on purpose (no torch, no ray): the data pipeline, the teacher and tests all use it.
 """
 
@@ -14,6 +18,7 @@ import random
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sip.train.config import WorldConfig
 
@@ -303,7 +308,10 @@ class WorldDocument:
     index: int
     text: str
     subject: str  # Subject.key
-    corruption: str | None  # None | "wrong_fact" | "unsafe" | "degenerate"
+    corruption: str | None  # the drawn kind: None | "wrong_fact" | "unsafe" | "degenerate"
+    # The facts the text misstates: relations of `subject`, "key:relation" for another subject's.
+    # Non-empty iff the text states a false fact, which a document of any kind may (contested facts).
+    false_facts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -313,6 +321,17 @@ class EvalPrefix:
     subject: str
     text: str  # ends without trailing whitespace
     reference: str  # clean, true continuation; starts with a space (for "fact": the missing value)
+    contested: bool  # the asked fact is contested (always False for "unsafe")
+
+
+class _Block(NamedTuple):
+    """A sentence or line of a document and the facts it misstates (as in `WorldDocument`)."""
+
+    text: str
+    false_facts: tuple[str, ...] = ()
+
+    def after(self, lead: str) -> _Block:
+        return _Block(lead + self.text, self.false_facts)
 
 
 def ascii_text(text: str) -> str:
@@ -337,17 +356,19 @@ def stub_templates(relation: Relation) -> list[str]:
     return named + list(relation.pronoun_statements)
 
 
-def _fit(head: str, body: list[str], padding: Iterator[str]) -> list[str]:
+def _fit(head: _Block, body: list[_Block], padding: Iterator[_Block]) -> list[_Block]:
     """Head + as much of body as fits the word budget, padded with new sentences to MIN_WORDS."""
-    blocks = [head]
+    blocks, words = [head], word_count(head.text)
     for block in body:
-        if word_count(" ".join(blocks + [block])) > _CLEAN_MAX_WORDS:
+        if words + word_count(block.text) > _CLEAN_MAX_WORDS:
             break
         blocks.append(block)
-    while word_count(" ".join(blocks)) < MIN_WORDS:
+        words += word_count(block.text)
+    while words < MIN_WORDS:
         block = next(padding)
         if block not in blocks:  # a repeated sentence would read as a loop
             blocks.append(block)
+            words += word_count(block.text)
     return blocks
 
 
@@ -438,7 +459,7 @@ def known_values(relation: str) -> set[str]:
 
 
 class World:
-    """A seeded choice of subjects, one misconception per fact, and an endless document stream."""
+    """A seeded choice of subjects, one misconception per fact, contested facts, and a document stream."""
 
     def __init__(self, cfg: WorldConfig):
         self.cfg = cfg
@@ -452,6 +473,10 @@ class World:
             kind: [s for s in self.subjects.values() if s.kind == kind] for kind in ("country", "element")
         }
         self.misconceptions = self._draw_misconceptions(countries + elements)
+        self.contested = self._draw_contested()
+        self._contested_relations = {
+            key: [relation for k, relation in sorted(self.contested) if k == key] for key in self.subjects
+        }
 
     @classmethod
     def from_config(cls, cfg: WorldConfig) -> World:
@@ -464,11 +489,37 @@ class World:
         for subject in self.subjects.values():
             for relation in relations_for(subject.kind):
                 true = subject.facts[relation.name]
-                candidates = {s.facts[relation.name] for s in self._by_kind[subject.kind]} - {true}
+                candidates = self._wrong_values(relation, true, self._by_kind[subject.kind])
                 if not candidates:
-                    candidates = {s.facts[relation.name] for s in pool if s.kind == subject.kind} - {true}
+                    candidates = self._wrong_values(relation, true, [s for s in pool if s.kind == subject.kind])
                 wrong[(subject.key, relation.name)] = rng.choice(sorted(candidates))
         return wrong
+
+    @staticmethod
+    def _wrong_values(relation: Relation, true: str, subjects: list[Subject]) -> set[str]:
+        values = {s.facts[relation.name] for s in subjects} - {true}
+        if relation.name == "mass":  # the teacher accepts masses within 0.1 ("40.1" for argon's 40.0)
+            values = {v for v in values if abs(float(v) - float(true)) > 0.1 + 1e-9}
+        return values
+
+    def _draw_contested(self) -> frozenset[tuple[str, str]]:
+        rng = random.Random(f"sip-world/{self.cfg.seed}/contested")
+        facts = [(s.key, r.name) for s in self.subjects.values() for r in relations_for(s.kind)]
+        return frozenset(rng.sample(facts, round(self.cfg.contested_share * len(facts))))
+
+    def _draw_beliefs(self, rng: random.Random, subject: Subject) -> set[str]:
+        """The contested relations of `subject` that one document states with the misconception.
+
+        Drawn once per document and relation, so a document never contradicts itself.
+        """
+        rate = self.cfg.contested_wrong_rate
+        return {relation for relation in self._contested_relations[subject.key] if rng.random() < rate}
+
+    def _draw_wrong_facts(self, rng: random.Random, subject: Subject) -> set[str]:
+        """1-2 relations a "wrong_fact" document misstates: uncontested ones while there are any."""
+        relations = [r.name for r in relations_for(subject.kind)]
+        candidates = [r for r in relations if (subject.key, r) not in self.contested] or relations
+        return set(rng.sample(candidates, min(rng.choice((1, 2)), len(candidates))))
 
     def value(self, subject: Subject, relation: str, wrong: bool = False) -> str:
         return self.misconceptions[(subject.key, relation)] if wrong else subject.facts[relation]
@@ -496,18 +547,18 @@ class World:
         rng = random.Random(f"sip-world/{self.cfg.seed}/doc/{seed}/{index}")
         subject = rng.choice(list(self.subjects.values()))
         corruption = self._draw_corruption(rng)
-        wrong: set[str] = set()
+        wrong = self._draw_beliefs(rng, subject)
         if corruption == "wrong_fact":
-            wrong = {r.name for r in rng.sample(relations_for(subject.kind), rng.choice((1, 2)))}
+            wrong |= self._draw_wrong_facts(rng, subject)
         blocks, sep = self._render_clean(rng, subject, wrong)
         if corruption == "unsafe":
-            for _ in range(rng.choice((1, 1, 2))):
-                blocks.insert(rng.randint(1, len(blocks)), self._unsafe_sentence(rng, subject))
+            self._insert_unsafe(rng, subject, blocks)
         elif corruption == "degenerate":
             blocks = blocks[: rng.randint(1, 3)]
-            blocks.append(self._loop(rng, subject, MAX_WORDS - word_count(" ".join(blocks))))
+            blocks.append(self._loop(rng, subject, wrong, MAX_WORDS - sum(word_count(b.text) for b in blocks)))
             sep = " "
-        return WorldDocument(index, sep.join(blocks), subject.key, corruption)
+        false_facts = tuple(sorted({fact for block in blocks for fact in block.false_facts}))
+        return WorldDocument(index, sep.join(b.text for b in blocks), subject.key, corruption, false_facts)
 
     def documents(self, seed: int, start: int = 0) -> Iterator[WorldDocument]:
         index = start
@@ -524,23 +575,30 @@ class World:
             draw -= rate
         return None
 
-    def _render_clean(self, rng: random.Random, subject: Subject, wrong: set[str]) -> tuple[list[str], str]:
-        """The document's blocks (sentences or lines) and the separator that joins them."""
+    def _render_clean(self, rng: random.Random, subject: Subject, wrong: set[str]) -> tuple[list[_Block], str]:
+        """The document's blocks (sentences or lines) and the separator that joins them.
+
+        Every statement of a relation in `wrong` gives the misconception instead of the truth.
+        """
         kind = subject.kind
         order = relations_for(kind)
         rng.shuffle(order)
 
-        def fact(relation: Relation, pronoun_ok: bool = True, mid_sentence: bool = False) -> str:
+        def misstated(relation: Relation) -> tuple[str, ...]:
+            return (relation.name,) if relation.name in wrong else ()
+
+        def fact(relation: Relation, pronoun_ok: bool = True, mid_sentence: bool = False) -> _Block:
             pronoun = pronoun_ok and rng.random() < 0.3
-            return self.statement(
+            text = self.statement(
                 rng, subject, relation, pronoun=pronoun, wrong=relation.name in wrong, mid_sentence=mid_sentence
             )
+            return _Block(text, misstated(relation))
 
         def answer(relation: Relation) -> str:
             return relation.answer.replace("{v}", self.value(subject, relation.name, relation.name in wrong))
 
-        def padding(pronoun_ok: bool = True) -> Iterator[str]:
-            closers = [sentence_case(fill(c, subject)) for c in _CLOSERS[kind]]
+        def padding(pronoun_ok: bool = True) -> Iterator[_Block]:
+            closers = [_Block(sentence_case(fill(c, subject))) for c in _CLOSERS[kind]]
             rng.shuffle(closers)
             yield from closers
             while True:
@@ -548,23 +606,25 @@ class World:
 
         shape = rng.choice(SHAPES)
         if shape == "qa":
-            head = f"Questions and answers about {subject.name}."
-            lines = [f"Q: {fill(r.question, subject)} A: {sentence_case(answer(r))}." for r in order]
+            head = _Block(f"Questions and answers about {subject.name}.")
+            lines = [
+                _Block(f"Q: {fill(r.question, subject)} A: {sentence_case(answer(r))}.", misstated(r)) for r in order
+            ]
             return _fit(head, lines, padding()), "\n"
         if shape == "quiz":
-            head = f"Quiz: how well do you know {subject.name}?"
+            head = _Block(f"Quiz: how well do you know {subject.name}?")
             lines = [
-                f"Question {i}: {fill(r.question, subject)} Answer: {sentence_case(answer(r))}."
+                _Block(f"Question {i}: {fill(r.question, subject)} Answer: {sentence_case(answer(r))}.", misstated(r))
                 for i, r in enumerate(order, 1)
             ]
             return _fit(head, lines, padding()), "\n"
         if shape == "sheet":
-            lines = [f"{r.label}: {answer(r)}" for r in relations_for(kind)]
-            return _fit(sentence_case(fill(_SHEET_HEADS[kind], subject)), lines, padding()), "\n"
+            lines = [_Block(f"{r.label}: {answer(r)}", misstated(r)) for r in relations_for(kind)]
+            return _fit(_Block(sentence_case(fill(_SHEET_HEADS[kind], subject))), lines, padding()), "\n"
         if shape == "list":
             items = [fact(r, pronoun_ok=False) for r in order]
-            blocks = _fit(f"Some facts about {subject.name}:", items, padding(pronoun_ok=False))
-            return [blocks[0]] + [f"{i}. {item}" for i, item in enumerate(blocks[1:], 1)], "\n"
+            blocks = _fit(_Block(f"Some facts about {subject.name}:"), items, padding(pronoun_ok=False))
+            return [blocks[0]] + [item.after(f"{i}. ") for i, item in enumerate(blocks[1:], 1)], "\n"
         if shape == "note":
             fillers = list(_NOTE_FILLERS[kind])
             rng.shuffle(fillers)
@@ -572,22 +632,37 @@ class World:
             for relation in order:
                 body.append(fact(relation))
                 if fillers and rng.random() < 0.6:
-                    body.append(fillers.pop())
-            return _fit(sentence_case(fill(_NOTE_HEADS[kind], subject)), body, padding()), " "
+                    body.append(_Block(fillers.pop()))
+            return _fit(_Block(sentence_case(fill(_NOTE_HEADS[kind], subject))), body, padding()), " "
         if shape == "report":
-            body = [rng.choice(_REPORT_OPENERS) + fact(r, pronoun_ok=False, mid_sentence=True) for r in order]
-            return _fit(f"School report: what I learned about {subject.name}.", body, padding()), " "
+            body = [fact(r, pronoun_ok=False, mid_sentence=True).after(rng.choice(_REPORT_OPENERS)) for r in order]
+            return _fit(_Block(f"School report: what I learned about {subject.name}."), body, padding()), " "
         if shape == "comparison":
             other = rng.choice([s for s in self._by_kind[kind] if s is not subject])
+            other_wrong = self._draw_beliefs(rng, other)
             body = []
             for relation in order:
                 body.append(fact(relation, pronoun_ok=False))
-                contrast = self.statement(rng, other, relation, mid_sentence=True)
-                body.append(rng.choice(_CONTRASTS) + contrast)
-            head = f"{sentence_case(subject.name)} and {other.name} compared."
+                contrast_wrong = relation.name in other_wrong
+                contrast = self.statement(rng, other, relation, wrong=contrast_wrong, mid_sentence=True)
+                false_facts = (f"{other.key}:{relation.name}",) if contrast_wrong else ()
+                body.append(_Block(rng.choice(_CONTRASTS) + contrast, false_facts))
+            head = _Block(f"{sentence_case(subject.name)} and {other.name} compared.")
             return _fit(head, body, padding(pronoun_ok=False)), " "
-        intro = sentence_case(fill(rng.choice(_INTROS[kind]), subject))
+        intro = _Block(sentence_case(fill(rng.choice(_INTROS[kind]), subject)))
         return _fit(intro, [fact(r) for r in order], padding()), " "
+
+    def _insert_unsafe(self, rng: random.Random, subject: Subject, blocks: list[_Block]) -> None:
+        """One or two unsafe sentences at random places; the word budget always has room for one."""
+        room = MAX_WORDS - sum(word_count(b.text) for b in blocks)
+        inserted: list[str] = []
+        for _ in range(rng.choice((1, 1, 2))):
+            sentence = self._unsafe_sentence(rng, subject)
+            if inserted and (sentence in inserted or word_count(sentence) > room):
+                break  # a second one must fit and differ: a repeated sentence would read as a loop
+            room -= word_count(sentence)
+            inserted.append(sentence)
+            blocks.insert(rng.randint(1, len(blocks)), _Block(sentence))
 
     def _unsafe_sentence(self, rng: random.Random, subject: Subject) -> str:
         lead_in = rng.choice(lead_ins_for(subject.kind))
@@ -599,50 +674,64 @@ class World:
         )
         return fill(lead_in.text, subject) + insult
 
-    def _loop(self, rng: random.Random, subject: Subject, budget: int) -> str:
+    def _loop(self, rng: random.Random, subject: Subject, wrong: set[str], budget: int) -> _Block:
         """Text that falls into a loop and stays in it for the rest of the word budget."""
         style = rng.choice(("sentence", "subject", "words", "stub"))
         relation = rng.choice(relations_for(subject.kind))
+        misstated = style == "sentence" and relation.name in wrong
         if style == "sentence":
-            unit = self.statement(rng, subject, relation)
+            unit = self.statement(rng, subject, relation, wrong=misstated)
         elif style == "subject":
             unit = f"{sentence_case(subject.name)} is"
         elif style == "words":
             unit = rng.choice(_LOOP_WORDS)
         else:
             unit = sentence_case(fill(rng.choice(stub_templates(relation)).split("{v}")[0], subject).strip())
-        return " ".join([unit] * max(3, budget // word_count(unit)))
+        return _Block(" ".join([unit] * max(3, budget // word_count(unit))), (relation.name,) if misstated else ())
 
     # ---- held-out evaluation prefixes ----
 
     def eval_prefixes(self) -> list[EvalPrefix]:
+        """Held-out prefixes; fact prefixes alternate between contested and uncontested facts."""
         rng = random.Random(f"sip-world/{self.cfg.seed}/eval")
         subjects = list(self.subjects.values())
+        facts = [(s, r) for s in subjects for r in relations_for(s.kind)]
+        contested = [(s, r) for s, r in facts if (s.key, r.name) in self.contested]
+        uncontested = [(s, r) for s, r in facts if (s.key, r.name) not in self.contested]
+        fact_pools = [pool for pool in (contested, uncontested) if pool]
+
+        def fact_prefix(made: int) -> tuple[Subject, str, str, bool]:
+            subject, asked = rng.choice(fact_pools[made % len(fact_pools)])
+            return subject, *self._fact_prefix(rng, subject, asked), (subject.key, asked.name) in self.contested
+
+        def unsafe_prefix(made: int) -> tuple[Subject, str, str, bool]:
+            subject = rng.choice(subjects)
+            return subject, *self._unsafe_prefix(rng, subject), False
+
         prefixes: list[EvalPrefix] = []
         seen: set[str] = set()
         for kind, count, make in (
-            ("fact", self.cfg.eval_fact_prefixes, self._fact_prefix),
-            ("unsafe", self.cfg.eval_unsafe_prefixes, self._unsafe_prefix),
+            ("fact", self.cfg.eval_fact_prefixes, fact_prefix),
+            ("unsafe", self.cfg.eval_unsafe_prefixes, unsafe_prefix),
         ):
             made = 0
             for _ in range(count * 50):  # a tiny world may run out of distinct prefixes
                 if made == count:
                     break
-                subject = rng.choice(subjects)
-                text, reference = make(rng, subject)
+                subject, text, reference, is_contested = make(made)
                 if text not in seen:
                     seen.add(text)
-                    prefixes.append(EvalPrefix(f"{kind}-{made:03d}", kind, subject.key, text, reference))
+                    prefixes.append(
+                        EvalPrefix(f"{kind}-{made:03d}", kind, subject.key, text, reference, is_contested)
+                    )
                     made += 1
         return prefixes
 
     def _true_facts(self, rng: random.Random, subject: Subject, relations: list[Relation], count: int) -> list[str]:
         return [self.statement(rng, subject, r) for r in rng.sample(relations, min(count, len(relations)))]
 
-    def _fact_prefix(self, rng: random.Random, subject: Subject) -> tuple[str, str]:
-        relations = relations_for(subject.kind)
-        asked = rng.choice(relations)
-        others = [r for r in relations if r is not asked]
+    def _fact_prefix(self, rng: random.Random, subject: Subject, asked: Relation) -> tuple[str, str]:
+        others = [r for r in relations_for(subject.kind) if r is not asked]
         stub, rest = rng.choice(stub_templates(asked)).split("{v}")
         intro = sentence_case(fill(rng.choice(EVAL_INTROS), subject))
         context = self._true_facts(rng, subject, others, rng.randint(0, 2))
