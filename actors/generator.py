@@ -18,6 +18,7 @@ from sip.serve.backends import Passage
 from sip.serve.judge import JUDGE_APP, JudgeResult, JudgeTask
 from sip.serve.rewriter import REWRITER_APP
 from sip.train.config import SipConfig
+from sip.train.metrics import RolloutMetrics, run_name
 from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Sample
 
 
@@ -62,6 +63,7 @@ class RolloutWorker:
             self.engine = HFGenerator(cfg, self.tokenizer)
         self._engine_lock = asyncio.Lock()
         self.judge = self.rewriter = None
+        self.metrics = RolloutMetrics(run_name(cfg), worker_id)
 
     def _handles(self):
         from ray import serve
@@ -100,7 +102,7 @@ class RolloutWorker:
         timeout = self.cfg.pipeline.timeout_s
         samples = batch.samples
         passages = [Passage(s.prefix, s.suffix, s.truth) for s in samples]
-        rewrites = [self.rewriter.rewrite.remote(p) for p in passages] if self.rewriter else []
+        rewrites = [self.metrics.rewriter_call(self.rewriter.rewrite.remote(p)) for p in passages] if self.rewriter else []
         rollouts = await self._rollouts(batch) if self.engine else [[] for _ in samples]
         rewrite_texts = await asyncio.wait_for(asyncio.gather(*rewrites), timeout) if rewrites else []
 
@@ -115,7 +117,7 @@ class RolloutWorker:
                 for p, cands in zip(passages, candidates)
             ]
             verdicts: list[JudgeResult] = await asyncio.wait_for(
-                asyncio.gather(*(self.judge.score.remote(t) for t in tasks)), timeout
+                asyncio.gather(*(self.metrics.judge_call(self.judge.score.remote(t)) for t in tasks)), timeout
             )
             for sample, cands, v in zip(samples, candidates, verdicts):
                 result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores))
@@ -131,7 +133,10 @@ class RolloutWorker:
                 self.engine.load_weights(batch.weights_version, weights)
             prefixes = [s.prefix_ids for s in batch.samples]
             n, k = self.cfg.data.suffix_tokens, self.cfg.rollout.k
-            return await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prefixes, k, n)
+            start = time.perf_counter()
+            rollouts = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prefixes, k, n)
+            self.metrics.generated(sum(len(ids) for group in rollouts for ids in group), time.perf_counter() - start)
+            return rollouts
 
     def _candidates(self, samples: list[Sample], rollouts, rewrite_texts) -> tuple[list[list[Candidate]], int]:
         n = self.cfg.data.suffix_tokens

@@ -35,23 +35,37 @@ class JudgeBackend(Protocol):
     async def factuality(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
         """1 no false claim, 0.5 nothing checkable, 0 a contradicted claim (suffix is the reference)."""
 
+    async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        """Evaluation only: 1 a repeats itself less than b, 0 more, 0.5 tie."""
+
 
 class RewriterBackend(Protocol):
     async def rewrite(self, passages: list[Passage]) -> list[str]:
         """A better suffix for each passage: verbatim when the suffix is already good."""
 
 
-def make_judge_backend(name: str, data_cfg: Any) -> JudgeBackend:
+LLM_BACKENDS = ("hf", "vllm", "openai")  # a prompted LLM (serve/llm.py) on that engine (serve/engines.py)
+
+
+def make_judge_backend(name: str, data_cfg: Any, llm_cfg: Any = None) -> JudgeBackend:
     if name == "world":
         from sip.serve.world_teacher import WorldTeacher
 
         return WorldTeacher.from_config(data_cfg)
+    if name in LLM_BACKENDS:
+        from sip.serve.llm import JUDGE_KINDS, make_llm_backend
+
+        return make_llm_backend(name, llm_cfg, JUDGE_KINDS)
     raise ValueError(f"unknown judge backend '{name}'")
 
 
-def make_rewriter_backend(name: str, data_cfg: Any) -> RewriterBackend:
+def make_rewriter_backend(name: str, data_cfg: Any, llm_cfg: Any = None) -> RewriterBackend:
     if name == "world":
         from sip.serve.world_teacher import WorldTeacher
 
         return WorldTeacher.from_config(data_cfg)
+    if name in LLM_BACKENDS:
+        from sip.serve.llm import make_llm_backend
+
+        return make_llm_backend(name, llm_cfg, ("rewrite",))
     raise ValueError(f"unknown rewriter backend '{name}'")

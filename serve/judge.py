@@ -58,6 +58,9 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
                 else:
                     queries.append((task.passage, a, b))
                     slots.append((t, i, j))
+                    if cfg.both_orders:  # the same pair with the options swapped: cancels position bias
+                        queries.append((task.passage, b, a))
+                        slots.append((t, j, i))
         verdicts = await backend.compare(queries) if queries else []
         for (t, i, j), v in zip(slots, verdicts, strict=True):
             results[t].calls += 1
@@ -106,7 +109,8 @@ def combine(scores: dict[str, float | None], weights: dict[str, float]) -> float
 class Judge:
     def __init__(self, cfg: JudgeConfig, data_cfg: DataConfig):
         self.cfg = cfg
-        self.backend = make_judge_backend(cfg.backend, data_cfg)
+        self.data_cfg = data_cfg
+        self.backend = make_judge_backend(cfg.backend, data_cfg, cfg.llm)
         self.score.set_max_batch_size(cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -123,6 +127,13 @@ class Judge:
     async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         return await self.backend.compare(queries)
 
+    def settings(self) -> dict:
+        """What this replica judges with: a run that attaches to it checks these against its own."""
+        return {"deployment": self.cfg.model_dump(mode="json"), "data": self.data_cfg.model_dump(mode="json")}
+
+    async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        return await self.backend.coherence(queries)
+
 
 def judge_app(cfg: JudgeConfig, data_cfg: DataConfig):
     return deployment_options(Judge, cfg).bind(cfg, data_cfg)
@@ -133,6 +144,6 @@ def deployment_options(deployment, cfg):
     scaling = {"autoscaling_config": cfg.autoscaling} if cfg.autoscaling else {"num_replicas": cfg.num_replicas}
     return deployment.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         **scaling,
     )

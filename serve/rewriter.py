@@ -14,13 +14,19 @@ REWRITER_APP = "sip-rewriter"
 @serve.deployment
 class Rewriter:
     def __init__(self, cfg: DeploymentConfig, data_cfg: DataConfig):
-        self.backend = make_rewriter_backend(cfg.backend, data_cfg)
+        self.cfg = cfg
+        self.data_cfg = data_cfg
+        self.backend = make_rewriter_backend(cfg.backend, data_cfg, cfg.llm)
         self.rewrite.set_max_batch_size(cfg.max_batch_size)
         self.rewrite.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rewrite(self, passages: list[Passage]) -> list[str]:
         return await self.backend.rewrite(passages)
+
+    def settings(self) -> dict:
+        """What this replica rewrites with: a run that attaches to it checks these against its own."""
+        return {"deployment": self.cfg.model_dump(mode="json"), "data": self.data_cfg.model_dump(mode="json")}
 
 
 def rewriter_app(cfg: DeploymentConfig, data_cfg: DataConfig):

@@ -516,6 +516,14 @@ class WorldTeacher:
             verdicts.append(1.0 if diff > TIE_MARGIN else 0.0 if diff < -TIE_MARGIN else 0.5)
         return verdicts
 
+    async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        """Which continuation repeats itself less: the non-repetition factor of quality, alone."""
+        verdicts: list[Verdict] = []
+        for _, a, b in queries:
+            diff = self._repetition(_tokens(a)) - self._repetition(_tokens(b))
+            verdicts.append(1.0 if diff > TIE_MARGIN else 0.0 if diff < -TIE_MARGIN else 0.5)
+        return verdicts
+
     async def safety(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
         return list(self._safety_scores([text for _, text in queries]))
 

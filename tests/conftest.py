@@ -2,3 +2,68 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as an HF folder, converted once per machine (about 30 s the first time)."""
+    from sip.serve.smollm2 import INSTALL_HINT, convert, gguf_folder
+
+    try:
+        gguf_folder()
+        import gguf  # noqa: F401  (the conversion needs it)
+    except (FileNotFoundError, ImportError) as err:
+        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install step
+            pytest.fail(f"SmolLM2 is not installed in CI ({err}): {INSTALL_HINT}")
+        pytest.skip(f"SmolLM2 is not installed ({err}); to enable: {INSTALL_HINT}")
+    return convert()
+
+
+SERVER_KEY_ENV = "SIP_TEST_OPENAI_KEY"
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2, tmp_path_factory):
+    """A real OpenAI-compatible server (sip.serve.openai_server) with SmolLM2 on a free 127.0.0.1 port.
+
+    It demands the key in SIP_TEST_OPENAI_KEY, which is set for this test session only.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    key = "sk-test-" + os.urandom(8).hex()
+    os.environ[SERVER_KEY_ENV] = key
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "sip.serve.openai_server", "--model", str(smollm2), "--port", str(port),
+           "--api-key-env", SERVER_KEY_ENV, "--torch-threads", "2"]
+    log = tmp_path_factory.mktemp("openai_server") / "server.log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            request = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the OpenAI-compatible test server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield base_url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    os.environ.pop(SERVER_KEY_ENV, None)

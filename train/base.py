@@ -23,8 +23,7 @@ def base_key(cfg: SipConfig) -> str:
     parts = {
         "data": cfg.data.model_dump(mode="json"),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
-        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads"}),
-        "seed": cfg.run.seed,
+        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s"}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -58,7 +57,7 @@ def pretrain_base(cfg: SipConfig, out_dir: str) -> dict:
     start = time.perf_counter()
     out = Path(out_dir)
     tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, out)
-    model = build_policy(cfg.policy, tokenizer, cfg.run.seed, cfg.data.max_seq_tokens).train()
+    model = build_policy(cfg.policy, tokenizer, cfg.base.seed, cfg.data.max_seq_tokens).train()
     b = cfg.base
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, b.warmup_steps, b.steps, 0.1))

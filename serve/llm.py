@@ -1,0 +1,308 @@
+"""The prompted-LLM judge and rewriter: prompt templates, strict verdict parsers, retries.
+
+Candidate text is data. Every input is placed between `<<<NAME>>>` / `<<<END NAME>>>` markers, and
+runs of three or more `<` or `>` inside an input are shortened to two, so no input can close its
+block or open a new one. A verdict is read only from the judge's own answer:
+
+- only what follows the last `>>>` in the answer counts (an answer that replays the prompt's blocks
+  is judged on what it wrote after them);
+- the verdict must be the answer's final line (the final JSON object for factuality), in exactly
+  the form the prompt asks for; anything else is a parse failure;
+- if the model wrote that verdict line itself and the verdict together with the words just before
+  it also appear in an input (or the verdict is all it wrote and appears in an input), the model
+  is echoing a candidate, and that is a parse failure too.
+
+A failed parse is asked again (`llm.max_retries` times); then the judgment is None, which the judge
+deployment drops from the score and counts (`judge_parse_failures`), never a win.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from sip.serve.backends import Passage, Verdict
+from sip.serve.engines import ChatPrompt, GenRequest, TextEngine
+from sip.train.config import LLMConfig
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+FIELDS = {
+    "quality": {"prefix", "option_1", "option_2"},
+    "coherence": {"prefix", "option_1", "option_2"},
+    "safety": {"prefix", "candidate"},
+    "factuality": {"prefix", "reference", "candidate"},
+    "rewrite": {"prefix", "suffix", "prefix_ending", "words"},
+}
+PREFIX_ENDING_WORDS = 5
+ECHO_CONTEXT = 60  # characters before a verdict searched for a copy of an input
+ECHO_MIN_CHARS = 4  # copied non-space characters before a verdict that make it an echo
+
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_SECTION = re.compile(r"^### (system|user|answer_start|stop)[ \t]*$", re.MULTILINE)
+_MARKER_RUN = re.compile(r"<{3,}|>{3,}")
+
+
+def neutralise(text: str) -> str:
+    """Input text that cannot form a block marker: runs of 3+ '<' or '>' become two."""
+    return _MARKER_RUN.sub(lambda m: m.group()[:2], text)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt file with sections `### user` and, optionally, `### system`, `### answer_start` (what the
+    answer must begin with: prefilled where the engine can) and `### stop` (one stop string a line,
+    backslash escapes allowed: `\\n` stops at the end of the first line)."""
+
+    name: str
+    user: str
+    system: str = ""
+    answer_start: str = ""
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, ref: str, kind: str) -> Template:
+        path = Path(ref).expanduser() if ref.endswith(".txt") or "/" in ref else PROMPT_DIR / f"{ref}.txt"
+        if not path.exists():
+            known = sorted(p.stem for p in PROMPT_DIR.glob(f"{kind}*.txt"))
+            raise ValueError(f"llm.prompts.{kind}={ref}: no template at {path} (built-in: {', '.join(known)})")
+        parts = _SECTION.split(path.read_text())
+        sections = {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2])}
+        if "user" not in sections:
+            raise ValueError(f"prompt template {path} has no '### user' section")
+        stop = tuple(codecs.decode(line, "unicode_escape") for line in sections.get("stop", "").splitlines() if line)
+        template = cls(ref, sections["user"], sections.get("system", ""), sections.get("answer_start", ""), stop)
+        used = {m for text in (template.user, template.system, template.answer_start) for m in _PLACEHOLDER.findall(text)}
+        if used - FIELDS[kind]:
+            raise ValueError(f"prompt template {path} uses {sorted(used - FIELDS[kind])}; a {kind} prompt has {sorted(FIELDS[kind])}")
+        return template
+
+    def render(self, **fields: str) -> ChatPrompt:
+        """Fill {{name}} placeholders in one pass: inserted text is never scanned for placeholders."""
+        safe = {name: neutralise(value) for name, value in fields.items()}
+
+        def fill(text: str) -> str:
+            return _PLACEHOLDER.sub(lambda m: safe[m.group(1)], text)
+
+        messages = (("system", fill(self.system)),) if self.system else ()
+        return ChatPrompt(messages + (("user", fill(self.user)),), fill(self.answer_start), self.stop)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _clean_line(line: str) -> str:
+    """A line as a verdict is matched: markdown emphasis, quotes and end punctuation off, lower case."""
+    return _norm(line.strip().strip("*_#`'\".!“”"))
+
+
+def _own_part(answer: str) -> int:
+    """Where the part of the answer that can hold a verdict starts: after the last block marker."""
+    cut = answer.rfind(">>>")
+    return 0 if cut < 0 else cut + 3
+
+
+def _echoed(answer: str, start: int, end: int, inputs: Sequence[str], written_from: int) -> bool:
+    """Is the verdict answer[start:end] copied from an input? Never when its line began in our prefill.
+
+    It is a copy when the verdict and at least a word before it appear together in an input, or
+    when the verdict is all the judge wrote and an input has a line that says the same (then we
+    cannot tell).
+    """
+    if start < written_from:
+        return False
+    own = _own_part(answer)
+    if not answer[own:start].strip():
+        line = _clean_line(answer[start:end])
+        return any(_clean_line(other) == line for text in inputs for other in text.splitlines())
+    verdict = _norm(answer[start:end])
+    tail = _norm(answer[max(own, start - ECHO_CONTEXT) : end])
+    for text in map(_norm, inputs):
+        if verdict not in text:
+            continue
+        copied = len(verdict)
+        while copied < len(tail) and tail[-(copied + 1) :] in text:
+            copied += 1
+        if len(tail[-copied:][: -len(verdict)].replace(" ", "")) >= ECHO_MIN_CHARS:
+            return True
+    return False
+
+
+def _final_line(answer: str, pattern: re.Pattern, inputs: Sequence[str], written_from: int) -> str | None:
+    """The label of the verdict on the answer's last non-empty line, or None."""
+    own = _own_part(answer)
+    body = answer[own:].rstrip()
+    if not body.strip():
+        return None
+    line_start = own + body.rfind("\n") + 1
+    line = answer[line_start : own + len(body)]
+    cleaned = _clean_line(line)
+    match = pattern.fullmatch(cleaned)
+    if match is None or _echoed(answer, line_start, own + len(body), inputs, written_from):
+        return None
+    return match.group(1)
+
+
+_QUALITY = re.compile(r"conclusion\s*:?\s*option\s*([12])")
+_SAFETY = re.compile(r"final decision\s*:?\s*(yes|no)")
+_COHERENCE = re.compile(r"(?:answer\s*:?\s*)?(a|b|tie)")
+FACTUALITY_LABELS = {"no hallucination": 1.0, "possible hallucination": 0.5, "definite hallucination": 0.0}
+
+
+def parse_quality(answer: str, inputs: Sequence[str] = (), written_from: int = 0) -> Verdict:
+    """1.0 when the judge's final line says Option 1, 0.0 for Option 2, else None."""
+    label = _final_line(answer, _QUALITY, inputs, written_from)
+    return None if label is None else 1.0 if label == "1" else 0.0
+
+
+def parse_safety(answer: str, inputs: Sequence[str] = (), written_from: int = 0) -> Verdict:
+    label = _final_line(answer, _SAFETY, inputs, written_from)
+    return None if label is None else 1.0 if label == "yes" else 0.0
+
+
+def parse_coherence(answer: str, inputs: Sequence[str] = (), written_from: int = 0) -> Verdict:
+    label = _final_line(answer, _COHERENCE, inputs, written_from)
+    return None if label is None else {"a": 1.0, "b": 0.0, "tie": 0.5}[label]
+
+
+def parse_factuality(answer: str, inputs: Sequence[str] = (), written_from: int = 0) -> Verdict:
+    """The label of the JSON object that ends the answer (a closing code fence may follow it)."""
+    own = _own_part(answer)
+    body = answer[own:].rstrip()
+    if body.endswith("```"):
+        body = body[:-3].rstrip()
+    if not body.endswith("}"):
+        return None
+    for start in (i for i in range(len(body) - 1, -1, -1) if body[i] == "{"):
+        try:
+            obj = json.loads(body[start:])
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
+            return None
+        value = FACTUALITY_LABELS.get(_norm(obj["label"].replace("_", " ")))
+        if value is None or _echoed(answer, own + start, own + len(body), inputs, written_from):
+            return None
+        return value
+    return None
+
+
+PARSERS: dict[str, Callable[..., Verdict]] = {
+    "quality": parse_quality,
+    "safety": parse_safety,
+    "factuality": parse_factuality,
+    "coherence": parse_coherence,
+}
+
+
+def prefix_ending(prefix: str, words: int = PREFIX_ENDING_WORDS) -> str:
+    """The prefix's last words exactly as written (its tail from the start of the words-th last word)."""
+    starts = [m.start() for m in re.finditer(r"\S+", prefix)][-words:]
+    return prefix[starts[0] :] if starts else ""
+
+
+def parse_rewrite(answer: str, ending: str, suffix: str) -> str | None:
+    """The rewritten suffix: the answer without the repeated prefix ending, up to any block marker."""
+    text = answer.split("<<<", 1)[0]
+    words = ending.split()
+    if words:
+        repeated = re.match(r"\s*" + r"\s+".join(map(re.escape, words)), text)
+        if repeated:
+            text = text[repeated.end() :]
+    text = text.rstrip()
+    if not text.strip():
+        return None
+    if suffix[:1].isspace() and not text[:1].isspace():
+        text = " " + text
+    return text
+
+
+class LLMTeacher:
+    """A prompted LLM as judge (compare / safety / factuality / coherence) and rewriter."""
+
+    def __init__(self, engine: TextEngine, cfg: LLMConfig, kinds: Sequence[str]):
+        self.engine = engine
+        self.cfg = cfg
+        self.templates = {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds}
+        self.parse_failures = 0  # answers that did not parse, retried ones included
+
+    def _prompt(self, kind: str, fields: dict[str, str]) -> tuple[ChatPrompt, int]:
+        """The rendered prompt and where the model's own writing starts in a composed answer."""
+        prompt = self.templates[kind].render(**fields)
+        return prompt, len(prompt.answer_start) if self.engine.prefills else 0
+
+    def _compose(self, prompt: ChatPrompt, text: str) -> str:
+        return prompt.answer_start + text if self.engine.prefills else text
+
+    async def _judge(self, kind: str, fields: list[dict[str, str]]) -> list[Verdict]:
+        parse = PARSERS[kind]
+        prompts = [self._prompt(kind, f) for f in fields]
+        inputs = [list(f.values()) for f in fields]
+        got: list[list[float]] = [[] for _ in fields]
+        missing = [self.cfg.samples] * len(fields)
+        for _ in range(self.cfg.max_retries + 1):
+            todo = [i for i, m in enumerate(missing) if m]
+            if not todo:
+                break
+            answers = await self.engine.generate([GenRequest(prompts[i][0], self.cfg.max_tokens, missing[i]) for i in todo])
+            for i, texts in zip(todo, answers, strict=True):
+                prompt, written_from = prompts[i]
+                for text in texts:
+                    verdict = parse(self._compose(prompt, text), inputs[i], written_from)
+                    if verdict is None:
+                        self.parse_failures += 1
+                    else:
+                        got[i].append(verdict)
+                        missing[i] -= 1
+        return [mean(g) if g else None for g in got]
+
+    async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        return await self._judge("quality", [{"prefix": p.prefix, "option_1": a, "option_2": b} for p, a, b in queries])
+
+    async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        return await self._judge("coherence", [{"prefix": p.prefix, "option_1": a, "option_2": b} for p, a, b in queries])
+
+    async def safety(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        return await self._judge("safety", [{"prefix": p.prefix, "candidate": text} for p, text in queries])
+
+    async def factuality(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        return await self._judge(
+            "factuality", [{"prefix": p.prefix, "reference": p.suffix, "candidate": text} for p, text in queries]
+        )
+
+    async def rewrite(self, passages: list[Passage]) -> list[str]:
+        """A rewrite per passage; "" when every try failed (the generator counts it as rewrite_failed)."""
+        endings = [prefix_ending(p.prefix) for p in passages]
+        prompts = [
+            self._prompt("rewrite", {"prefix": p.prefix, "suffix": p.suffix, "prefix_ending": e, "words": str(len(p.suffix.split()))})[0]
+            for p, e in zip(passages, endings)
+        ]
+        budget = [min(self.cfg.rewrite_max_tokens, (len(p.suffix) + (0 if self.engine.prefills else len(e))) // 3 + 8)
+                  for p, e in zip(passages, endings)]
+        rewrites: list[str | None] = [None] * len(passages)
+        for _ in range(self.cfg.max_retries + 1):
+            todo = [i for i, r in enumerate(rewrites) if r is None]
+            if not todo:
+                break
+            answers = await self.engine.generate([GenRequest(prompts[i], budget[i]) for i in todo])
+            for i, (text,) in zip(todo, answers, strict=True):
+                rewrites[i] = parse_rewrite(self._compose(prompts[i], text), endings[i], passages[i].suffix)
+                self.parse_failures += rewrites[i] is None
+        return [r or "" for r in rewrites]
+
+
+JUDGE_KINDS = ("quality", "safety", "factuality", "coherence")
+
+
+def make_llm_backend(engine_name: str, cfg: LLMConfig, kinds: Sequence[str]) -> LLMTeacher:
+    """Templates are loaded (and checked) before the engine, so a bad prompt fails fast."""
+    from sip.serve.engines import make_engine
+
+    for kind in kinds:
+        Template.load(cfg.prompts[kind], kind)
+    return LLMTeacher(make_engine(engine_name, cfg), cfg, kinds)

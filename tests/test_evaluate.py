@@ -1,0 +1,95 @@
+"""Evaluation arithmetic, and `sip eval` end to end on tiny real models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sip.train.evaluate import both_orders, relative_improvement
+from sip.train.experiment import aggregate
+
+
+def test_both_orders_cancel_position_and_count_ties_as_half():
+    # (a,b) verdict 1 and (b,a) verdict 0: a wins in both orders
+    assert both_orders([1.0], [0.0]) == [1.0]
+    # the judge always picks the first option: position bias cancels to a tie
+    assert both_orders([1.0], [1.0]) == [0.5]
+    assert both_orders([0.5], [0.5]) == [0.5]
+    assert both_orders([0.0], [0.5]) == [0.25]
+    # a failed order is dropped, not counted; both failed → no verdict
+    assert both_orders([None, None], [0.0, None]) == [1.0, None]
+
+
+def test_relative_improvement_is_over_the_base():
+    # the paper's factuality headline: (57.6 - 42.3) / 42.3 = 36.2%
+    assert relative_improvement(57.6, 42.3) == pytest.approx(0.3617, abs=1e-4)
+    assert relative_improvement(0.5, 0.0) is None
+
+
+def test_aggregate_means_stds_and_relative_gains():
+    def run(fact, win, rollout):
+        return {"eval_vs_baseline": {"factuality": fact, "quality_win_rate": win, "safety": 1.0},
+                "final": {"chosen_rate": {"rollout": rollout}}}
+
+    table = aggregate({"sip": {0: run(0.6, 0.7, 0.5), 1: run(0.8, 0.9, 0.7)}}, {0: {"factuality": 0.4, "safety": 0.5}, 1: {"factuality": 0.5, "safety": 0.5}})
+    row = table["sip"]
+    assert row["factuality"]["mean"] == pytest.approx(0.7) and row["factuality"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["quality_win_rate"]["mean"] == pytest.approx(0.8)
+    assert row["factuality_relative_to_base"]["mean"] == pytest.approx((0.5 + 0.6) / 2)
+    assert row["safety_relative_to_base"]["mean"] == pytest.approx(1.0)
+    assert row["final_rollout_chosen_rate"]["mean"] == pytest.approx(0.6)
+
+
+TINY = ["data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6",
+        "data.world.eval_unsafe_prefixes=4", "data.suffix_tokens=8", "data.max_seq_tokens=40",
+        "data.tokenizer_docs=300", "data.vocab_size=400", "policy.hidden_size=32", "policy.num_layers=1",
+        "policy.num_heads=2", "policy.intermediate_size=64"]
+
+
+def tiny_model(folder, seed):
+    from sip.actors.policy import build_policy
+    from sip.train.config import load_config
+    from sip.train.data import train_tokenizer
+
+    cfg = load_config(None, TINY)
+    tokenizer = train_tokenizer(cfg.data, folder)
+    build_policy(cfg.policy, tokenizer, seed, cfg.data.max_seq_tokens).save_pretrained(folder)
+
+
+def test_sip_eval_writes_json_markdown_and_rows(tmp_path):
+    model, baseline, out = tmp_path / "model", tmp_path / "baseline", tmp_path / "eval"
+    tiny_model(model, seed=1)
+    tiny_model(baseline, seed=2)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sip.train", "eval", "--model", str(model), "--baseline", str(baseline),
+         "--output-dir", str(out), *TINY],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["prompts"] == 10
+    for key in ("factuality", "safety_on_unsafe_prefixes", "safety_on_safe_prefixes", "quality_win_rate",
+                "coherence_win_rate", "checkable_rate"):
+        assert 0.0 <= result[key] <= 1.0, key
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all("baseline" in r and "quality_win" in r for r in rows)
+    assert "quality win rate vs baseline" in (out / "eval.md").read_text()
+    assert "quality win rate vs baseline" in proc.stdout
+
+
+def test_a_model_against_itself_wins_exactly_half(tmp_path):
+    from sip.train.config import load_config
+    from sip.train.evaluate import evaluate_folders
+
+    tiny_model(tmp_path / "m", seed=3)
+    summary, _ = evaluate_folders(load_config(None, TINY), str(tmp_path / "m"), str(tmp_path / "m"))
+    assert summary["quality_win_rate"] == 0.5 and summary["coherence_win_rate"] == 0.5
+
+
+def test_sip_eval_rejects_a_folder_that_is_not_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sip.train", "eval", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a Hugging Face model folder" in proc.stderr

@@ -1,0 +1,76 @@
+"""The judging protocol (serve/judge.py::score_tasks): round robin, pivot, both orders, dropped
+judgments and weights, checked with small rule-based backends whose answers are known."""
+
+import asyncio
+
+from sip.serve.backends import Passage
+from sip.serve.judge import JudgeTask, combine, score_tasks
+from sip.train.config import load_config
+
+PASSAGE = Passage("prefix", "suffix")
+
+
+class FirstWins:
+    """A judge with pure position bias: option 1 always wins. Pointwise: a verdict from a lookup."""
+
+    def __init__(self, pointwise=None):
+        self.pointwise = pointwise or {}
+        self.compared = []
+
+    async def compare(self, queries):
+        self.compared += [(a, b) for _, a, b in queries]
+        return [1.0 for _ in queries]
+
+    async def safety(self, queries):
+        return [self.pointwise.get(text) for _, text in queries]
+
+    async def factuality(self, queries):
+        return [self.pointwise.get(text) for _, text in queries]
+
+
+class Longer:
+    """Prefers the longer text whatever its position; None (unparseable) when both have equal length."""
+
+    async def compare(self, queries):
+        return [None if len(a) == len(b) else float(len(a) > len(b)) for _, a, b in queries]
+
+
+def judge(*overrides):
+    return load_config(None, ["judge.weights={quality: 1}", *overrides]).judge
+
+
+def test_position_bias_decides_one_order_and_cancels_in_both():
+    backend = FirstWins()
+    [one] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["a", "b", "c"])], judge()))
+    assert one.scores["quality"] == [1.0, 0.5, 0.0] and one.calls == 3
+    backend = FirstWins()
+    [both] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["a", "b", "c"])], judge("judge.both_orders=true")))
+    assert both.scores["quality"] == [0.5, 0.5, 0.5] and both.calls == 6
+    assert sorted(backend.compared) == sorted([("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")])
+
+
+def test_both_orders_agree_for_an_unbiased_judge_and_pivot_mode_counts_pairs():
+    cands = ["xx", "x", "xxx"]
+    [r] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, cands)], judge("judge.both_orders=true")))
+    assert r.scores["quality"] == [0.5, 0.0, 1.0] and r.calls == 6 and r.failures == 0
+    [p] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, cands, pivot=0)], judge("judge.pairwise=pivot")))
+    assert p.calls == 2 and p.scores["quality"] == [0.5, 0.0, 1.0]
+
+
+def test_unparseable_judgments_are_dropped_and_counted_never_wins():
+    cands = ["aa", "bb", "ccc"]  # aa vs bb: equal length, the judge gives no verdict
+    [r] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, cands)], judge("judge.both_orders=true")))
+    assert r.calls == 6 and r.failures == 2
+    assert r.scores["quality"] == [0.0, 0.0, 1.0]  # only the parsed comparisons (with ccc) count
+    [alone] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, ["aa", "bb"])], judge()))
+    assert alone.scores["quality"] == [None, None] and alone.reward == [0.0, 0.0] and alone.failures == 1
+
+
+def test_all_three_objectives_combine_with_weights_over_what_has_a_verdict():
+    backend = FirstWins(pointwise={"a": 1.0, "b": 0.0, "c": None})
+    cfg = load_config(None, ["judge.weights={quality: 1, safety: 2, factuality: 1}"]).judge
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["a", "b", "c"])], cfg))
+    assert r.calls == 3 + 3 + 3 and r.failures == 2
+    assert r.reward[0] == combine({"quality": 1.0, "safety": 1.0, "factuality": 1.0}, cfg.weights) == 1.0
+    assert r.reward[1] == (0.5 + 0 + 0) / 4
+    assert r.reward[2] == 0.0  # quality 0 and no pointwise verdict: weights of the missing objectives drop out

