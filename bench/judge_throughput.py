@@ -77,7 +77,7 @@ def judge_cfg(backend: str, replicas: int, model: str, base_url: str | None):
     overrides = [f"judge.backend={backend}", f"judge.num_replicas={replicas}", "judge.num_cpus=1",
                  "judge.max_ongoing_requests=64", "judge.max_batch_size=16"]
     if backend != "world":
-        overrides += [f"judge.llm.model={model}", "judge.llm.prompts=" + json.dumps(DIRECT), "judge.llm.max_tokens=4",
+        overrides += [f"judge.llm.model={model}", "judge.llm.prompts=" + json.dumps(DIRECT), "judge.llm.max_tokens=8",
                       "judge.llm.max_retries=1", "judge.llm.batch_size=16", "judge.llm.max_model_len=1024"]
     if backend == "openai":
         overrides += ["judge.llm.model=smollm2", f"judge.llm.base_url={base_url}", "judge.llm.continue_final_message=true",
