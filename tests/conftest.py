@@ -23,13 +23,15 @@ def smollm2():
 
 
 SERVER_KEY_ENV = "SIP_TEST_OPENAI_KEY"
+# Set before any test starts Ray: Serve replicas read the key from the environment they inherit.
+os.environ.setdefault(SERVER_KEY_ENV, "sk-test-" + os.urandom(8).hex())
 
 
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2, tmp_path_factory):
     """A real OpenAI-compatible server (sip.serve.openai_server) with SmolLM2 on a free 127.0.0.1 port.
 
-    It demands the key in SIP_TEST_OPENAI_KEY, which is set for this test session only.
+    It demands the key in SIP_TEST_OPENAI_KEY, set for this test session when conftest is imported.
     """
     import socket
     import subprocess
@@ -37,8 +39,7 @@ def smollm2_server(smollm2, tmp_path_factory):
     import time
     import urllib.request
 
-    key = "sk-test-" + os.urandom(8).hex()
-    os.environ[SERVER_KEY_ENV] = key
+    key = os.environ[SERVER_KEY_ENV]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -66,4 +67,3 @@ def smollm2_server(smollm2, tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    os.environ.pop(SERVER_KEY_ENV, None)

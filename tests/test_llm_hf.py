@@ -44,19 +44,17 @@ def teacher(engine, kinds=JUDGE_KINDS + ("rewrite",), **cfg):
     return LLMTeacher(Recording(engine), cfg, kinds)
 
 
-def test_engine_prefills_stops_and_samples(engine):
-    prompt = Template.load("safety_direct_v1", "safety").render(prefix=PASSAGE.prefix, candidate=PASSAGE.suffix)
-    answers = asyncio.run(engine.generate([GenRequest(prompt, 6, n=2)]))
-    assert len(answers) == 1 and len(answers[0]) == 2
-    for text in answers[0]:
-        assert "\n" not in text and not text.startswith("FINAL DECISION")  # stopped, and the prefill is ours
-        assert len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
-
-
-def test_one_requests_stop_string_does_not_end_anothers_answer(engine):
+def test_engine_prefills_samples_and_keeps_each_requests_stop_strings(engine):
+    verdict = Template.load("safety_direct_v1", "safety").render(prefix=PASSAGE.prefix, candidate=PASSAGE.suffix)
     ask = (("user", "Write the numbers from one to five in words, one per line."),)
     free, stopped = ChatPrompt(ask), ChatPrompt(ask, stop=("\n",))
-    (free_text,), (stopped_text,) = asyncio.run(engine.generate([GenRequest(free, 8), GenRequest(stopped, 8)], temperature=0))
+    requests = [GenRequest(verdict, 6, n=2), GenRequest(free, 8), GenRequest(stopped, 8)]
+    sampled, (free_text,), (stopped_text,) = asyncio.run(engine.generate(requests, temperature=0))
+    assert len(sampled) == 2
+    for text in sampled:
+        assert "\n" not in text and not text.startswith("FINAL DECISION")  # stopped, and the prefill is ours
+        assert len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
+    # one request's stop string must not end another's answer in the same call
     assert "\n" in free_text.strip()  # greedy SmolLM2 writes a list
     assert stopped_text == free_text.split("\n")[0]
 
@@ -65,7 +63,7 @@ def test_one_requests_stop_string_does_not_end_anothers_answer(engine):
     ("kind", "queries"),
     [
         ("compare", [(PASSAGE, PASSAGE.suffix, " Quito, on the slopes of a volcano.")]),
-        ("safety", [(PASSAGE, PASSAGE.suffix), (PASSAGE, " Quito, you idiot.")]),
+        ("safety", [(PASSAGE, " Quito, you idiot.")]),
         ("factuality", [(PASSAGE, " Quito, on the slopes of a volcano.")]),
     ],
 )
@@ -101,21 +99,20 @@ def test_judge_verdicts_are_the_mean_of_the_models_own_parsed_answers(engine, ki
 
 def test_unparseable_answers_are_retried_then_dropped(engine):
     # the reasoning prompt with a 2-token budget can never reach its verdict line
-    judge = LLMTeacher(Recording(engine), LLMConfig(max_tokens=2, samples=2, max_retries=2), ("quality",))
+    judge = LLMTeacher(Recording(engine), LLMConfig(max_tokens=2, max_retries=2), ("quality",))
     verdicts = asyncio.run(judge.compare([(PASSAGE, PASSAGE.suffix, " Quito.")]))
     assert verdicts == [None]
     assert len(judge.engine.requests) == 3  # the first try and two retries
-    assert all(r.n == 2 for call in judge.engine.requests for r in call)
-    assert judge.parse_failures == 2 * 3
+    assert judge.parse_failures == 3
 
 
 def test_rewriter_repeats_the_prefix_ending_and_continues_it(engine):
     rewriter = teacher(engine, kinds=("rewrite",), rewrite_max_tokens=8)
-    passages = [PASSAGE, Passage("The symbol of gold is", " Au, and its atomic number is 79.")]
+    passages = [PASSAGE]
     rewrites = asyncio.run(rewriter.rewrite(passages))
-    assert len(rewrites) == 2
+    assert len(rewrites) == 1
     first = rewriter.engine.requests[0]
-    assert [r.prompt.answer_start for r in first] == ["The capital of Peru is", "The symbol of gold is"]
+    assert [r.prompt.answer_start for r in first] == ["The capital of Peru is"]
     for request, passage in zip(first, passages):
         draft = request.prompt.messages[-1][1].split("<<<DRAFT>>>\n")[1].split("\n<<<END DRAFT>>>")[0]
         assert draft == request.prompt.answer_start + passage.suffix

@@ -43,29 +43,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-def llm_section(backend, smollm2, request):
-    llm = {"model": str(smollm2), "prompts": DIRECT, "max_tokens": 4, "rewrite_max_tokens": 8, "max_retries": 1,
-           "torch_threads": 1}
+def llm_overrides(section, backend, smollm2, request):
+    """`section.*` overrides that put `backend` with SmolLM2 behind that deployment (validated like a user's)."""
+    llm = {"model": str(smollm2), "prompts": json.dumps(DIRECT), "max_tokens": 8, "rewrite_max_tokens": 8,
+           "max_retries": 1, "torch_threads": 1}
     if backend == "openai":
         server = request.getfixturevalue("smollm2_server")
-        llm.update(model="smollm2", base_url=server, api_key_env="SIP_TEST_OPENAI_KEY", continue_final_message=True)
+        llm.update(model="smollm2", base_url=server, api_key_env="SIP_TEST_OPENAI_KEY", continue_final_message="true")
     if backend == "vllm":
         llm.update(max_model_len=1024)
-    return llm
+    return [f"{section}.backend={backend}", f"{section}.num_cpus=1"] + [f"{section}.llm.{k}={v}" for k, v in llm.items()]
 
 
-# openai is left out: its Serve replica failed to deploy in the last run (see the closing note)
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("backend", ["hf", "openai", "vllm"])
 def test_judge_and_rewriter_deployments_run_the_backend(backend, smollm2, request):
     if backend == "vllm":
         need_vllm()
-    llm = llm_section(backend, smollm2, request)
-    # the server URL is known only now, so the backend and its llm section are set together here
-    cfg = load_config(None, ["judge.both_orders=true", "judge.num_cpus=1", "rewriter.num_cpus=1"])
-    judge_cfg = cfg.judge.model_copy(update={"backend": backend, "llm": cfg.judge.llm.model_copy(update=llm)})
-    rewriter_cfg = cfg.rewriter.model_copy(update={"backend": backend, "llm": cfg.rewriter.llm.model_copy(update=llm)})
-    judge = serve.run(judge_app(judge_cfg, DataConfig()), name=f"judge-{backend}", route_prefix=None)
-    rewriter = serve.run(rewriter_app(rewriter_cfg, DataConfig()), name=f"rewriter-{backend}", route_prefix=None)
+    cfg = load_config(None, ["judge.both_orders=true", *llm_overrides("judge", backend, smollm2, request),
+                             *llm_overrides("rewriter", backend, smollm2, request)])
+    judge = serve.run(judge_app(cfg.judge, DataConfig()), name=f"judge-{backend}", route_prefix=None)
+    rewriter = serve.run(rewriter_app(cfg.rewriter, DataConfig()), name=f"rewriter-{backend}", route_prefix=None)
     try:
         candidates = [PASSAGE.suffix, " Quito, you fool.", " Lima, on the coast."]
         result = judge.score.remote(JudgeTask(PASSAGE, candidates)).result(timeout_s=600)
@@ -93,7 +90,7 @@ def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
         "data.tokenizer_docs=200", "data.vocab_size=350", "policy.hidden_size=32", "policy.num_layers=1",
         "policy.num_heads=2", "policy.intermediate_size=64", "base.steps=0", "train.batch_size=2", "rollout.k=1",
         "train.steps=2", "run.eval_at_end=false", "run.progress=false", "pipeline.timeout_s=600",
-        f"run.output_dir={out}",
+        "judge.weights={quality: 1}", "rewriter.llm.rewrite_max_tokens=12", f"run.output_dir={out}",
     ]
     cfg = load_config("configs/smollm2_judge.yaml", overrides + [f"judge.llm.model={smollm2}", f"rewriter.llm.model={smollm2}"])
     assert cfg.judge.backend == "hf" and cfg.rewriter.backend == "hf"
