@@ -8,18 +8,20 @@ every candidate. Episodes of different batches overlap; generation and weight lo
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
 
-from sip.actors.policy import build_policy, generate, load_numpy
+from sip.actors.policy import build_policy, load_numpy, sample_rollouts
 from sip.serve.backends import Passage
 from sip.serve.judge import JUDGE_APP, JudgeResult, JudgeTask
 from sip.serve.rewriter import REWRITER_APP
 from sip.train.config import SipConfig
 from sip.train.metrics import RolloutMetrics, run_name
-from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Sample
+from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Rollout, Sample
 
 
 class GenerationBackend(Protocol):
@@ -29,13 +31,14 @@ class GenerationBackend(Protocol):
 
     def load_weights(self, version: int, weights: dict) -> None: ...
 
-    def generate(self, prefixes: list[list[int]], k: int, n: int) -> list[list[list[int]]]: ...
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
+        """K samples of exactly `n` new tokens per prefix, with per-token log-probabilities."""
 
 
 class HFGenerator:
     """transformers `generate` on the CPU (or wherever torch puts the model)."""
 
-    def __init__(self, cfg: SipConfig, tokenizer):
+    def __init__(self, cfg: SipConfig, tokenizer, worker_id: int = 0):
         self.cfg = cfg.rollout
         self.pad_id = tokenizer.pad_token_id
         self.model = build_policy(cfg.policy, tokenizer, cfg.run.seed, cfg.data.max_seq_tokens).eval()
@@ -45,8 +48,42 @@ class HFGenerator:
         load_numpy(self.model, weights)
         self.version = version
 
-    def generate(self, prefixes: list[list[int]], k: int, n: int) -> list[list[list[int]]]:
-        return generate(self.model, prefixes, n, self.pad_id, samples=k, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
+        return sample_rollouts(self.model, prefixes, n, self.pad_id, samples=k, temperature=self.cfg.temperature,
+                               top_p=self.cfg.top_p, greedy=greedy)
+
+
+class VLLMGenerator:
+    """A vLLM engine inside the generator actor, its weights replaced in place at each new version."""
+
+    def __init__(self, cfg: SipConfig, tokenizer, worker_id: int = 0):
+        from sip.actors import vllm_adapter
+
+        self.cfg = cfg.rollout
+        self._vllm = vllm_adapter
+        # vLLM's CPU kernels keep per-thread OpenMP state: every engine call runs on this one thread
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
+        # the engine starts from the same initial policy as the learner (version -1), saved as an HF folder
+        self._folder = tempfile.TemporaryDirectory(prefix="sip-vllm-policy-")
+        build_policy(cfg.policy, tokenizer, cfg.run.seed, cfg.data.max_seq_tokens).save_pretrained(self._folder.name)
+        v = cfg.rollout.vllm
+        self.llm = self._thread.submit(
+            vllm_adapter.policy_engine, self._folder.name, dtype=v.dtype, max_model_len=cfg.data.max_seq_tokens,
+            seed=cfg.run.seed * 1000 + worker_id, enforce_eager=v.enforce_eager,
+            gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
+        ).result()
+        self.version = -1
+
+    def load_weights(self, version: int, weights: dict) -> None:
+        self._thread.submit(self._vllm.reload_weights, self.llm, weights).result()
+        self.version = version
+
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
+        return self._thread.submit(self._vllm.sample, self.llm, prefixes, k, n, temperature=self.cfg.temperature,
+                                   top_p=self.cfg.top_p, greedy=greedy).result()
+
+
+GENERATORS = {"hf": HFGenerator, "vllm": VLLMGenerator}
 
 
 class RolloutWorker:
@@ -60,7 +97,7 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.engine: GenerationBackend | None = None
         if "rollouts" in self.sources:
-            self.engine = HFGenerator(cfg, self.tokenizer)
+            self.engine = GENERATORS[cfg.rollout.backend](cfg, self.tokenizer, worker_id)
         self._engine_lock = asyncio.Lock()
         self.judge = self.rewriter = None
         self.metrics = RolloutMetrics(run_name(cfg), worker_id)
@@ -103,10 +140,10 @@ class RolloutWorker:
         samples = batch.samples
         passages = [Passage(s.prefix, s.suffix, s.truth) for s in samples]
         rewrites = [self.metrics.rewriter_call(self.rewriter.rewrite.remote(p)) for p in passages] if self.rewriter else []
-        rollouts = await self._rollouts(batch) if self.engine else [[] for _ in samples]
+        rollouts, version = await self._rollouts(batch) if self.engine else ([[] for _ in samples], None)
         rewrite_texts = await asyncio.wait_for(asyncio.gather(*rewrites), timeout) if rewrites else []
 
-        candidates, rewrite_failures = self._candidates(samples, rollouts, rewrite_texts)
+        candidates, rewrite_failures = self._candidates(samples, rollouts, version, rewrite_texts)
         result = JudgedBatch(index=batch.index, judged=[], rewrite_failures=rewrite_failures)
         if self.judge is None:
             result.judged = [JudgedSample(s, c, reward=[1.0] * len(c)) for s, c in zip(samples, candidates)]
@@ -126,19 +163,24 @@ class RolloutWorker:
         result.worker_seconds = time.perf_counter() - start
         return result
 
-    async def _rollouts(self, batch: Batch) -> list[list[list[int]]]:
+    async def _rollouts(self, batch: Batch) -> tuple[list[list[Rollout]], int]:
+        """The batch's rollouts and the policy version that wrote them."""
         async with self._engine_lock:
+            loop = asyncio.get_running_loop()
             if batch.weights and batch.weights_version > self.engine.version:
                 weights = await asyncio.wait_for(batch.weights[0], self.cfg.pipeline.timeout_s)
-                self.engine.load_weights(batch.weights_version, weights)
+                await loop.run_in_executor(None, self.engine.load_weights, batch.weights_version, weights)
+            if self.engine.version < batch.weights_version:  # the batch's staleness bound assumes at least this version
+                raise RuntimeError(f"batch {batch.index} needs policy version {batch.weights_version}, "
+                                   f"the engine holds {self.engine.version} and the batch carries no newer weights")
             prefixes = [s.prefix_ids for s in batch.samples]
             n, k = self.cfg.data.suffix_tokens, self.cfg.rollout.k
             start = time.perf_counter()
-            rollouts = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prefixes, k, n)
-            self.metrics.generated(sum(len(ids) for group in rollouts for ids in group), time.perf_counter() - start)
-            return rollouts
+            rollouts = await loop.run_in_executor(None, self.engine.generate, prefixes, k, n)
+            self.metrics.generated(sum(len(r.ids) for group in rollouts for r in group), time.perf_counter() - start)
+            return rollouts, self.engine.version
 
-    def _candidates(self, samples: list[Sample], rollouts, rewrite_texts) -> tuple[list[list[Candidate]], int]:
+    def _candidates(self, samples: list[Sample], rollouts, version, rewrite_texts) -> tuple[list[list[Candidate]], int]:
         n = self.cfg.data.suffix_tokens
         failures = 0
         out = []
@@ -152,7 +194,7 @@ class RolloutWorker:
                     cands.append(Candidate("rewrite", ids, self.tokenizer.decode(ids)))
                 else:
                     failures += 1
-            for ids in rollouts[i]:
-                cands.append(Candidate("rollout", ids, self.tokenizer.decode(ids), self.engine.version))
+            for r in rollouts[i]:
+                cands.append(Candidate("rollout", r.ids, self.tokenizer.decode(r.ids), version, r.logprobs))
             out.append(cands)
         return out, failures

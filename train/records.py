@@ -22,11 +22,20 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """N tokens sampled from the policy, with each token's log-probability under it."""
+
+    ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
 class Candidate:
     source: CandidateSource
     ids: list[int]
     text: str
     version: int | None = None  # the policy version that wrote it; None for suffix and rewrite
+    logprobs: list[float] | None = None  # rollouts: per-token log-probabilities under that policy
 
 
 @dataclass

