@@ -13,6 +13,8 @@ from sip.serve.engines import ChatPrompt, GenRequest, HFEngine
 from sip.serve.llm import JUDGE_KINDS, PARSERS, LLMTeacher, Template
 from sip.train.config import LLMConfig
 
+pytestmark = pytest.mark.llm
+
 DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1",
           "coherence": "coherence_v1", "rewrite": "rewrite_v1"}
 PASSAGE = Passage("Peru is a country in South America. The capital of Peru is", " Lima, a city on the Pacific coast.")

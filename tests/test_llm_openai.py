@@ -82,6 +82,7 @@ def key_watch(caplog):
     assert os.environ[SERVER_KEY_ENV] not in caplog.text
 
 
+@pytest.mark.llm
 def test_judge_and_rewriter_through_the_real_server(smollm2_server, key_watch):
     cfg = llm_cfg(smollm2_server, prompts=DIRECT, max_tokens=4, rewrite_max_tokens=8, continue_final_message=True, max_retries=1)
 
@@ -101,6 +102,7 @@ def test_judge_and_rewriter_through_the_real_server(smollm2_server, key_watch):
     assert os.environ[SERVER_KEY_ENV] not in text and SERVER_KEY_ENV in text
 
 
+@pytest.mark.llm
 def test_429_and_500_are_retried_with_backoff(smollm2_server, key_watch):
     cfg = llm_cfg(smollm2_server, http_retries=3)
 
@@ -141,6 +143,7 @@ def test_retries_run_out_with_a_clear_error(key_watch):
         asyncio.run(run())
 
 
+@pytest.mark.llm
 def test_a_wrong_key_fails_at_once_and_is_not_shown(smollm2_server, key_watch, monkeypatch):
     monkeypatch.setenv("SIP_TEST_WRONG_KEY", "sk-wrong-0123456789")
     cfg = llm_cfg(smollm2_server, api_key_env="SIP_TEST_WRONG_KEY")
@@ -201,6 +204,7 @@ def test_requests_in_flight_stay_under_the_concurrency_limit():
     assert len(proxy.seen) == 12 and proxy.max_in_flight == 3
 
 
+@pytest.mark.llm
 def test_the_local_server_speaks_the_openai_protocol(smollm2_server):
     import urllib.error
     import urllib.request

@@ -18,7 +18,7 @@ from sip.serve.judge import JudgeTask, judge_app
 from sip.serve.rewriter import rewriter_app
 from sip.train.config import DataConfig, load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.filterwarnings("ignore")]
 
 DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1",
           "coherence": "coherence_v1", "rewrite": "rewrite_v1"}

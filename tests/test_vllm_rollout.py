@@ -66,6 +66,7 @@ def test_hf_rollouts_have_exactly_n_tokens_and_the_models_logprobs(tokenizer_dir
             assert torch.allclose(torch.tensor(r.logprobs), forward_logprobs(generator.model, prefix, r.ids), atol=1e-4)
 
 
+@pytest.mark.llm
 def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir):
     need_vllm()
     from sip.actors.generator import VLLMGenerator
@@ -92,6 +93,7 @@ def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir):
 
 
 @pytest.mark.ray
+@pytest.mark.llm
 def test_sip_train_with_vllm_rollouts(tmp_path):
     need_vllm()
     out = tmp_path / "run"
