@@ -71,11 +71,19 @@ class VLLMGenerator:
             vllm_adapter.policy_engine, self._folder.name, dtype=v.dtype, max_model_len=cfg.data.max_seq_tokens,
             seed=cfg.run.seed * 1000 + worker_id, enforce_eager=v.enforce_eager,
             gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
+            nccl_weight_sync=cfg.rollout.weight_sync == "nccl",
         ).result()
         self.version = -1
 
     def load_weights(self, version: int, weights: dict) -> None:
         self._thread.submit(self._vllm.reload_weights, self.llm, weights).result()
+        self.version = version
+
+    def join_weight_group(self, init_info: dict) -> None:
+        self._thread.submit(self._vllm.join_weight_group, self.llm, init_info).result()
+
+    def receive_weights(self, version: int, update_info: dict) -> None:
+        self._thread.submit(self._vllm.receive_weights, self.llm, update_info).result()
         self.version = version
 
     def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
@@ -109,6 +117,15 @@ class RolloutWorker:
             self.judge = serve.get_app_handle(JUDGE_APP)
         if self.rewriter is None and self.cfg.needs_rewriter:
             self.rewriter = serve.get_app_handle(REWRITER_APP)
+
+    async def join_weight_group(self, init_info: dict) -> None:
+        """rollout.weight_sync=nccl: join the learner's NCCL group (it waits here for every engine)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.join_weight_group, init_info)
+
+    async def receive_weights(self, update_info: dict, version: int) -> None:
+        """rollout.weight_sync=nccl: take the learner's broadcast of `version`, between two generations."""
+        async with self._engine_lock:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.receive_weights, version, update_info)
 
     async def run(self, samples_q, judged_q) -> int:
         """Work until a None arrives on `samples_q`; returns the number of batches judged."""

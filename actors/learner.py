@@ -42,11 +42,12 @@ class Learner:
             self.model = AutoModelForCausalLM.from_pretrained(resume, dtype=torch.float32)
         else:
             self.model = build_policy(cfg.policy, self.tokenizer, cfg.run.seed, cfg.data.max_seq_tokens)
-        self.model.train()
+        self.model.to("cuda" if cfg.train.num_gpus > 0 else "cpu").train()
         self.reference = None
         if cfg.train.objective == "dpo":
             if resume is not None:
                 self.reference = AutoModelForCausalLM.from_pretrained(Path(resume) / REFERENCE_DIR, dtype=torch.float32)
+                self.reference.to(self.model.device)
             else:
                 self.reference = copy.deepcopy(self.model)
             self.reference.eval().requires_grad_(False)
@@ -57,8 +58,9 @@ class Learner:
         )
         self.version = 0
         self.extra_state: dict = {}
+        self._nccl = None
         if resume is not None:
-            state = torch.load(Path(resume) / STATE_FILE, weights_only=False)
+            state = torch.load(Path(resume) / STATE_FILE, weights_only=False, map_location=self.model.device)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.version = state["version"]
@@ -103,6 +105,17 @@ class Learner:
 
     def load_weights(self, weights) -> None:
         load_numpy(self.model, weights)
+
+    def connect_generators(self, workers: list) -> None:
+        """rollout.weight_sync=nccl: open the NCCL group with every generator's engine (GPU only)."""
+        from sip.actors.vllm_adapter import NcclWeightSender
+
+        self._nccl = NcclWeightSender(self.model, workers, self.cfg.pipeline.timeout_s)
+
+    def broadcast_weights(self) -> int:
+        """Send the current weights to every engine over NCCL; returns the version they now hold."""
+        self._nccl.send(self.version)
+        return self.version
 
     def greedy(self, prefixes: list[list[int]], n: int, batch_size: int = 32) -> list[list[int]]:
         self.model.eval()

@@ -69,8 +69,8 @@ def _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, l
         attention[i, width - len(prefix):] = 1
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention,
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention.to(model.device),
         max_new_tokens=n,
         min_new_tokens=n,
         num_return_sequences=samples,

@@ -38,6 +38,9 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="rollout.k is 0"):
         load_config(None, ["rollout.k=0"])
     load_config(None, ["train.objective=nll", "train.candidates=[suffix]"])
+    with pytest.raises(ConfigError, match="weight_sync=nccl"):
+        load_config(None, ["rollout.backend=vllm", "rollout.weight_sync=nccl", "rollout.num_gpus=1"])  # learner on CPU
+    load_config(None, ["rollout.backend=vllm", "rollout.weight_sync=nccl", "rollout.num_gpus=1", "train.num_gpus=1"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

@@ -109,3 +109,56 @@ def test_sip_train_with_vllm_rollouts(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["staleness_max"] <= 1 and r["rollout_logprob"] < 0 for r in rows)
     assert summary["samples"]["judged"] == 4 * 4
+
+
+def test_the_pinned_vllm_offers_what_the_nccl_sync_calls():
+    """The NCCL path needs GPUs, so on CPU this at least catches a vLLM upgrade that moved its API."""
+    need_vllm()
+    from vllm import LLM
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+    from vllm.engine.arg_utils import EngineArgs
+
+    for method in ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
+                   "reset_prefix_cache", "collective_rpc"):
+        assert callable(getattr(LLM, method)), method
+    assert "weight_transfer_config" in EngineArgs.__dataclass_fields__
+    assert callable(NCCLTrainerWeightTransferEngine.trainer_init)
+    NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=29500, world_size=2, rank=0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert [m.name for m in ModuleSource(model).metadata()] == ["0.weight", "0.bias"]
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs two GPUs: one for the learner, one for the engine")
+def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_dir):
+    need_vllm()
+    from sip.actors.generator import VLLMGenerator
+
+    class Engine:  # what the learner's NCCL client calls on a generator actor, plus a greedy probe
+        def __init__(self, cfg):
+            self.engine = VLLMGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+
+        def join_weight_group(self, init_info):
+            self.engine.join_weight_group(init_info)
+
+        def receive_weights(self, update_info, version):
+            self.engine.receive_weights(version, update_info)
+
+        def greedy(self, prefixes, n):
+            return [g[0].ids for g in self.engine.generate(prefixes, 1, n, greedy=True)], self.engine.version
+
+    cfg = load_config(None, SMALL + ["rollout.backend=vllm", "rollout.weight_sync=nccl", "rollout.num_gpus=1",
+                                     "train.num_gpus=1"])
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        learner = ray.remote(Learner).options(num_gpus=1).remote(cfg, str(tokenizer_dir))
+        engine = ray.remote(Engine).options(num_gpus=1).remote(cfg)
+        ray.get(learner.connect_generators.remote([engine]), timeout=300)
+        for _ in range(4):
+            ray.get(learner.train_step.remote(EXAMPLES), timeout=300)
+        assert ray.get(learner.broadcast_weights.remote(), timeout=300) == 4
+        assert ray.get(engine.greedy.remote(PREFIXES, 8), timeout=300) == (ray.get(learner.greedy.remote(PREFIXES, 8)), 4)
+    finally:
+        ray.shutdown()

@@ -123,6 +123,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator (vllm on GPU)")
+    weight_sync: Literal["object_store", "nccl"] = Field(
+        "object_store",
+        description="object_store: each batch carries the newest weights, engines reload them in place; "
+        "nccl: the learner broadcasts each version to every vllm engine (GPUs for the learner and each generator)",
+    )
     vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig)
 
 
@@ -233,6 +238,7 @@ class TrainConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO beta")
     nll_coef: float = Field(1.0, ge=0, description="NLL on the chosen candidate added to the DPO loss")
     num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner: above 0 it trains on CUDA")
 
     @model_validator(mode="after")
     def _candidates_fit(self) -> TrainConfig:
@@ -282,6 +288,11 @@ class SipConfig(Section):
             raise ValueError("train.candidates includes rollouts but rollout.k is 0")
         if self.train.objective == "nll" and self.train.candidates == ["rollouts"] and self.rollout.k != 1:
             raise ValueError("objective=nll on rollouts trains on one own rollout: set rollout.k=1")
+        if self.rollout.weight_sync == "nccl" and not (
+            self.rollout.backend == "vllm" and self.rollout.num_gpus >= 1 and self.train.num_gpus >= 1
+        ):
+            raise ValueError("rollout.weight_sync=nccl broadcasts from a GPU learner to GPU vLLM engines: "
+                             "set rollout.backend=vllm, rollout.num_gpus=1 and train.num_gpus=1")
         return self
 
     @property

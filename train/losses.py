@@ -22,7 +22,8 @@ def pack(prefixes: list[list[int]], targets: list[list[int]], pad_id: int) -> tu
 
 def target_logprobs(model, prefixes: list[list[int]], targets: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(target token | everything before it) per row, and the number of target tokens."""
-    input_ids, attention, target_mask = pack(prefixes, targets, pad_id)
+    device = next(model.parameters()).device
+    input_ids, attention, target_mask = (t.to(device) for t in pack(prefixes, targets, pad_id))
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
     next_ids = input_ids[:, 1:]
     token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, next_ids.unsqueeze(-1)).squeeze(-1)

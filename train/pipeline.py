@@ -144,7 +144,9 @@ def run_training(cfg: SipConfig) -> dict:
             tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, tokenizer_dir)
         apps = deploy_teachers(cfg)
         timeout = cfg.pipeline.timeout_s
-        learner = ray.remote(Learner).options(num_cpus=cfg.train.num_cpus).remote(cfg, str(tokenizer_dir))
+        learner = (
+            ray.remote(Learner).options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus).remote(cfg, str(tokenizer_dir))
+        )
         step, resumed = ray.get(learner.resumed_state.remote(), timeout=timeout)
         tally = Tally(resumed.get("tally"))
         initial_eval = evaluate(cfg, learner, tokenizer) if cfg.run.eval_at_end and cfg.run.resume_from is None else None
@@ -159,9 +161,18 @@ def run_training(cfg: SipConfig) -> dict:
             .remote(cfg, str(tokenizer_dir), i)
             for i in range(cfg.rollout.num_generators)
         ]
-        worker_runs = [w.run.remote(samples_q, judged_q) for w in workers]
+        if cfg.rollout.weight_sync == "nccl":
+            ray.get(learner.connect_generators.remote(workers), timeout=timeout)
 
-        weights = [learner.weights.remote()]
+        def publish_weights() -> list:
+            """The weights batches will carry: an object-store reference, or none after an NCCL broadcast."""
+            if cfg.rollout.weight_sync == "nccl":
+                ray.get(learner.broadcast_weights.remote(), timeout=timeout)
+                return []
+            return [learner.weights.remote()]
+
+        worker_runs = [w.run.remote(samples_q, judged_q) for w in workers]
+        weights = publish_weights()
         weights_version = step
         fed = step
         sampler_states: dict[int, dict] = {step - 1: sampler.state()}
@@ -209,7 +220,7 @@ def run_training(cfg: SipConfig) -> dict:
                 examples, record = _examples_and_stats(cfg, judged, step, tally)
                 metrics = ray.get(learner.train_step.remote(examples), timeout=timeout)
                 step += 1
-                weights, weights_version = [learner.weights.remote()], step
+                weights, weights_version = publish_weights(), step
                 now = time.perf_counter()
                 record.update(metrics)
                 record.update(step=step, samples_per_s=len(judged.judged) / max(now - last, 1e-9), time_s=now - train_start,
