@@ -2,9 +2,10 @@
 
 Variants (Table 1 / Table 6 / Fig. 9 of the paper): the NLL pretraining baseline, NLL on rewrites,
 SIP with RF-NLL, SIP with online DPO, and online DPO with K ∈ {1, 2, 4, 8} rollouts. Each runs for
-every seed (run.seed: rollout sampling and tie-breaking; all variants of a seed share the base
-model and the data stream). Every final model is then evaluated against the NLL baseline of its
-seed. The results are written as JSON, a markdown table (mean ± std over seeds, relative
+every seed. A seed sets run.seed (rollout sampling, tie-breaking), data.seed (which documents
+arrive, in what order, cut where) and base.seed (the base model's initialisation), so each seed
+builds its own base; all variants of one seed share that base and stream. Every final model is
+then evaluated, on the same held-out prefixes, against the NLL baseline of its seed. The results are written as JSON, a markdown table (mean ± std over seeds, relative
 improvement over the base model as the paper computes it) and PNG plots.
 """
 
@@ -28,6 +29,10 @@ def variants(ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, list[str]]:
     for k in ks:
         grid[f"sip_dpo_k{k}"] = ["train.objective=dpo", f"rollout.k={k}"]
     return grid
+
+
+def seed_overrides(seed: int) -> list[str]:
+    return [f"run.seed={seed}", f"data.seed={seed}", f"base.seed={seed}"]
 
 
 METRICS = {
@@ -58,8 +63,8 @@ def run_experiment(config: Path | None, overrides: list[str], seeds: list[int], 
                 run_dir = out / name / f"seed_{seed}"
                 summary_path = run_dir / "summary.json"
                 if not summary_path.exists():
-                    run_training(load_config(config, [*overrides, *extra, f"run.seed={seed}", f"run.output_dir={run_dir}",
-                                                      "run.progress=false"]))
+                    run_overrides = [*overrides, *extra, *seed_overrides(seed), f"run.output_dir={run_dir}", "run.progress=false"]
+                    run_training(load_config(config, run_overrides))
                 results[name][seed] = json.loads(summary_path.read_text())
             base_evals[seed] = results[BASELINE][seed]["eval_initial"]
             baseline_model = results[BASELINE][seed]["checkpoint"]
@@ -120,7 +125,7 @@ def markdown_table(table: dict, seeds: list[int], cfg: SipConfig) -> str:
 
     head = ["variant", *METRICS.values(), "factuality vs base", "safety vs base", "final rollout chosen rate"]
     lines = [
-        f"Seeds {seeds}; {cfg.train.steps} steps of {cfg.train.batch_size} prefixes each; N = {cfg.data.suffix_tokens}.",
+        f"Seeds {seeds} (each sets run.seed, data.seed and base.seed); {cfg.train.steps} steps of {cfg.train.batch_size} prefixes each; N = {cfg.data.suffix_tokens}.",
         "Mean ± std over seeds. Win rates: pairwise against the NLL baseline of the same seed, both orders, ties ½.",
         "Relative improvement over the base model: (value − base) / base, as the paper reports it.",
         "",
