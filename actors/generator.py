@@ -82,7 +82,7 @@ class VLLMGenerator:
     def join_weight_group(self, init_info: dict) -> None:
         self._thread.submit(self._vllm.join_weight_group, self.llm, init_info).result()
 
-    def receive_weights(self, version: int, update_info: dict) -> None:
+    def receive_weights(self, update_info: dict, version: int) -> None:
         self._thread.submit(self._vllm.receive_weights, self.llm, update_info).result()
         self.version = version
 
@@ -125,7 +125,7 @@ class RolloutWorker:
     async def receive_weights(self, update_info: dict, version: int) -> None:
         """rollout.weight_sync=nccl: take the learner's broadcast of `version`, between two generations."""
         async with self._engine_lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.receive_weights, version, update_info)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.receive_weights, update_info, version)
 
     async def run(self, samples_q, judged_q) -> int:
         """Work until a None arrives on `samples_q`; returns the number of batches judged."""

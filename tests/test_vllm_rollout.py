@@ -144,7 +144,7 @@ def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_di
             self.engine.join_weight_group(init_info)
 
         def receive_weights(self, update_info, version):
-            self.engine.receive_weights(version, update_info)
+            self.engine.receive_weights(update_info, version)
 
         def greedy(self, prefixes, n):
             return [g[0].ids for g in self.engine.generate(prefixes, 1, n, greedy=True)], self.engine.version
