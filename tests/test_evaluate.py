@@ -89,6 +89,21 @@ def test_a_model_against_itself_wins_exactly_half(tmp_path):
     assert summary["quality_win_rate"] == 0.5 and summary["coherence_win_rate"] == 0.5
 
 
+@pytest.mark.llm
+def test_sip_eval_scores_with_the_configured_llm_judge(tmp_path, smollm2):
+    from sip.train.config import load_config
+    from sip.train.evaluate import evaluate_folders
+
+    tiny_model(tmp_path / "m", seed=3)
+    llm = [f"judge.llm.model={smollm2}", "judge.llm.max_tokens=8", "judge.llm.max_retries=0", "judge.llm.torch_threads=2",
+           "judge.llm.prompts={safety: safety_direct_v1, factuality: factuality_direct_v1}"]
+    cfg = load_config(None, TINY + ["judge.backend=hf", *llm])
+    summary, rows = evaluate_folders(cfg, str(tmp_path / "m"), None)
+    assert summary["prompts"] == len(rows) == 10
+    verdicts = [r[key] for r in rows for key in ("safety", "factuality")]
+    assert any(v is not None for v in verdicts) and all(v is None or 0 <= v <= 1 for v in verdicts)
+
+
 def test_sip_eval_rejects_a_folder_that_is_not_a_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sip.train", "eval", "--model", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)

@@ -175,7 +175,7 @@ def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -
     prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(model_dir))
     texts = greedy_texts(cfg, model_dir, prompts)
     baseline = greedy_texts(cfg, baseline_dir, prompts) if baseline_dir else None
-    judge = make_judge_backend(cfg.judge.backend, cfg.data)
+    judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.judge.llm)
     return asyncio.run(score(judge, prompts, texts, baseline))
 
 
