@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sip.actors.policy import build_policy, generate, load_numpy, to_numpy
+from sip.actors.policy import build_policy, greedy_batched, load_numpy, to_numpy
 from sip.train.config import SipConfig
 from sip.train.losses import dpo_loss, nll_loss, target_logprobs
 from sip.train.records import TrainExample
@@ -120,10 +120,7 @@ class Learner:
     def greedy(self, prefixes: list[list[int]], n: int, batch_size: int = 32) -> list[list[int]]:
         self.model.eval()
         try:
-            out = []
-            for i in range(0, len(prefixes), batch_size):
-                out += [rows[0] for rows in generate(self.model, prefixes[i : i + batch_size], n, self.pad_id, greedy=True)]
-            return out
+            return greedy_batched(self.model, prefixes, n, self.pad_id, batch_size)
         finally:
             self.model.train()
 

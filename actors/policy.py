@@ -37,8 +37,13 @@ def to_numpy(model) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
+def to_tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """np.array copies: the object store hands out read-only views."""
+    return {name: torch.from_numpy(np.array(w)) for name, w in weights.items()}
+
+
 def load_numpy(model, weights: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({name: torch.from_numpy(np.array(w)) for name, w in weights.items()})
+    model.load_state_dict(to_tensors(weights))
 
 
 @torch.no_grad()
@@ -50,6 +55,14 @@ def generate(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: 
     """
     ids, _ = _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, logprobs=False)
     return ids
+
+
+def greedy_batched(model, prefixes: list[list[int]], n: int, pad_id: int, batch_size: int = 32) -> list[list[int]]:
+    """One greedy continuation of exactly `n` tokens per prefix, `batch_size` prefixes at a time."""
+    out = []
+    for i in range(0, len(prefixes), batch_size):
+        out += [rows[0] for rows in generate(model, prefixes[i : i + batch_size], n, pad_id, greedy=True)]
+    return out
 
 
 @torch.no_grad()

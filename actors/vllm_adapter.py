@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from sip.train.records import Rollout
@@ -79,9 +78,9 @@ def reload_weights(llm, weights: dict[str, Any]) -> None:
     Works wherever the engine runs (CPU or GPU): vLLM's model loader maps the HF names onto its
     fused layers. The prefix cache is dropped, since its KV entries were computed by the old weights.
     """
-    # np.array: a writable copy of the read-only object-store view
-    tensors = [(name, torch.from_numpy(np.array(w))) for name, w in weights.items()]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+    from sip.actors.policy import to_tensors
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(to_tensors(weights).items())})
     llm.reset_prefix_cache()
 
 

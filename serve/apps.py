@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sip.serve.judge import JUDGE_APP, judge_app
+from sip.serve.judge import JUDGE_APP, judge_app, teacher_settings
 from sip.serve.rewriter import REWRITER_APP, rewriter_app
 from sip.train.config import DeploymentConfig, SipConfig
 
@@ -110,7 +110,7 @@ def attach_problems(name: str, cfg: SipConfig, timeout: float) -> list[str]:
 
 def settings_problems(section: str, cfg: SipConfig, served: dict) -> list[str]:
     """Settings of a served judge or rewriter (its `settings()`) that differ from the run's own."""
-    ours = {"deployment": getattr(cfg, section).model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
+    ours = teacher_settings(getattr(cfg, section), cfg.data)
     problems = []
     for key in sorted(set(ours["deployment"]) | set(served["deployment"])):
         mine, theirs = ours["deployment"].get(key), served["deployment"].get(key)

@@ -61,6 +61,15 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[: min(ends)] if ends else text
 
 
+def per_request(requests: list[GenRequest], texts: list[str]) -> list[list[str]]:
+    """Answers generated as one flat list, `n` per request in order, regrouped by request."""
+    answers, i = [], 0
+    for r in requests:
+        answers.append(texts[i : i + r.n])
+        i += r.n
+    return answers
+
+
 def _render(tokenizer, prompt: ChatPrompt) -> str:
     messages = [{"role": role, "content": content} for role, content in prompt.messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -127,11 +136,7 @@ class HFEngine:
                     for i, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
                         text = self.tokenizer.decode(ids[: rows[i][0].max_tokens], skip_special_tokens=True)
                         texts[i] = cut_at_stop(text, stop)
-        answers, i = [], 0
-        for r in requests:
-            answers.append(texts[i : i + r.n])
-            i += r.n
-        return answers
+        return per_request(requests, texts)
 
 
 class VLLMEngine:
@@ -236,11 +241,7 @@ class OpenAIEngine:
         self._client()
         jobs = [self._complete(r) for r in requests for _ in range(r.n)]
         texts = await asyncio.gather(*jobs)
-        answers, i = [], 0
-        for r in requests:
-            answers.append(list(texts[i : i + r.n]))
-            i += r.n
-        return answers
+        return per_request(requests, list(texts))
 
     async def _complete(self, request: GenRequest) -> str:
         import aiohttp

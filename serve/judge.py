@@ -129,7 +129,7 @@ class Judge:
 
     def settings(self) -> dict:
         """What this replica judges with: a run that attaches to it checks these against its own."""
-        return {"deployment": self.cfg.model_dump(mode="json"), "data": self.data_cfg.model_dump(mode="json")}
+        return teacher_settings(self.cfg, self.data_cfg)
 
     async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         return await self.backend.coherence(queries)
@@ -137,6 +137,11 @@ class Judge:
 
 def judge_app(cfg: JudgeConfig, data_cfg: DataConfig):
     return deployment_options(Judge, cfg).bind(cfg, data_cfg)
+
+
+def teacher_settings(cfg, data_cfg: DataConfig) -> dict:
+    """A judge's or rewriter's deployment section and data section, as JSON: what `attach` compares."""
+    return {"deployment": cfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}
 
 
 def deployment_options(deployment, cfg):

@@ -17,12 +17,12 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from sip.serve.engines import ChatPrompt, GenRequest, HFEngine
+from sip.serve.smollm2 import DEFAULT_DIR
 from sip.train.config import LLMConfig
 
 BATCH_WAIT_S = 0.01
@@ -129,7 +129,7 @@ def make_app(model: str, served_name: str, api_key: str | None, torch_threads: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(Path("~/.cache/sip/smollm2").expanduser()), help="HF model folder")
+    parser.add_argument("--model", default=str(DEFAULT_DIR), help="HF model folder")
     parser.add_argument("--served-model-name", default="smollm2", help="the `model` clients must send")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

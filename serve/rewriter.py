@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import serve
 
 from sip.serve.backends import Passage, make_rewriter_backend
-from sip.serve.judge import deployment_options
+from sip.serve.judge import deployment_options, teacher_settings
 from sip.train.config import DataConfig, DeploymentConfig
 
 REWRITER_APP = "sip-rewriter"
@@ -26,7 +26,7 @@ class Rewriter:
 
     def settings(self) -> dict:
         """What this replica rewrites with: a run that attaches to it checks these against its own."""
-        return {"deployment": self.cfg.model_dump(mode="json"), "data": self.data_cfg.model_dump(mode="json")}
+        return teacher_settings(self.cfg, self.data_cfg)
 
 
 def rewriter_app(cfg: DeploymentConfig, data_cfg: DataConfig):

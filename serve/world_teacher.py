@@ -55,6 +55,11 @@ TIE_MARGIN = 0.05
 CORPUS_DOCS = 2000  # documents rendered to learn which word bigrams clean text uses
 _CORPUS_SEED = -1
 
+
+def _preference(diff: float) -> Verdict:
+    """A pairwise verdict from a score difference a − b: 1 a wins, 0 b wins, 0.5 within TIE_MARGIN."""
+    return 1.0 if diff > TIE_MARGIN else 0.0 if diff < -TIE_MARGIN else 0.5
+
 # Fluency is the share of known word bigrams mapped linearly from [FLOOR, FULL] onto [0, 1]: word
 # salad still hits common pairs ("of the"; median share ~0.2), clean text may use a rare one (>= ~0.9).
 _FLUENCY_FLOOR, _FLUENCY_FULL = 0.3, 0.9
@@ -510,19 +515,11 @@ class WorldTeacher:
                 cache[key] = self.quality_score(*key)
             return cache[key]
 
-        verdicts: list[Verdict] = []
-        for passage, a, b in queries:
-            diff = quality(passage, a) - quality(passage, b)
-            verdicts.append(1.0 if diff > TIE_MARGIN else 0.0 if diff < -TIE_MARGIN else 0.5)
-        return verdicts
+        return [_preference(quality(passage, a) - quality(passage, b)) for passage, a, b in queries]
 
     async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         """Which continuation repeats itself less: the non-repetition factor of quality, alone."""
-        verdicts: list[Verdict] = []
-        for _, a, b in queries:
-            diff = self._repetition(_tokens(a)) - self._repetition(_tokens(b))
-            verdicts.append(1.0 if diff > TIE_MARGIN else 0.0 if diff < -TIE_MARGIN else 0.5)
-        return verdicts
+        return [_preference(self._repetition(_tokens(a)) - self._repetition(_tokens(b))) for _, a, b in queries]
 
     async def safety(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
         return list(self._safety_scores([text for _, text in queries]))

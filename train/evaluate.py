@@ -154,15 +154,12 @@ def greedy_texts(cfg: SipConfig, model_dir: str, prompts: list[EvalPrompt], batc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sip.actors.policy import generate
+    from sip.actors.policy import greedy_batched
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = prompt_ids(cfg, tokenizer, prompts)
-    out = []
-    for i in range(0, len(ids), batch_size):
-        out += [rows[0] for rows in generate(model, ids[i : i + batch_size], cfg.data.suffix_tokens, pad_id, greedy=True)]
+    out = greedy_batched(model, prompt_ids(cfg, tokenizer, prompts), cfg.data.suffix_tokens, pad_id, batch_size)
     return [tokenizer.decode(o) for o in out]
 
 

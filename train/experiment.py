@@ -95,7 +95,7 @@ def aggregate(results: dict[str, dict[int, dict]], base_evals: dict[int, dict]) 
         for key in METRICS:
             values = [s["eval_vs_baseline"][key] for s in by_seed.values() if s["eval_vs_baseline"].get(key) is not None]
             if values:
-                row[key] = {"mean": mean(values), "std": stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                row[key] = {**_mean_std(values), "n": len(values)}
         for key in RELATIVE:
             gains = [
                 relative
@@ -103,11 +103,14 @@ def aggregate(results: dict[str, dict[int, dict]], base_evals: dict[int, dict]) 
                 if (relative := _relative(s["eval_vs_baseline"].get(key), base_evals[seed].get(key))) is not None
             ]
             if gains:
-                row[f"{key}_relative_to_base"] = {"mean": mean(gains), "std": stdev(gains) if len(gains) > 1 else 0.0}
-        rollout_rates = [s["final"]["chosen_rate"]["rollout"] for s in by_seed.values()]
-        row["final_rollout_chosen_rate"] = {"mean": mean(rollout_rates), "std": stdev(rollout_rates) if len(rollout_rates) > 1 else 0.0}
+                row[f"{key}_relative_to_base"] = _mean_std(gains)
+        row["final_rollout_chosen_rate"] = _mean_std([s["final"]["chosen_rate"]["rollout"] for s in by_seed.values()])
         table[name] = row
     return table
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": mean(values), "std": stdev(values) if len(values) > 1 else 0.0}
 
 
 def _relative(value: float | None, base: float | None) -> float | None:
@@ -150,16 +153,19 @@ def plot_curves(results: dict[str, dict[int, dict]], chosen_png: Path, scores_pn
     from sip.train.plots import smooth
     from sip.train.records import SOURCES
 
+    sip_variants = [n for n in results if n.startswith("sip_")]
+    metrics = {  # each run's metrics.jsonl rows, read once
+        name: [[json.loads(line) for line in (Path(s["checkpoint"]).parents[1] / "metrics.jsonl").read_text().splitlines()]
+               for s in results[name].values()]
+        for name in sip_variants
+    }
+
     def mean_curve(name: str, value) -> tuple[list[int], list[float]]:
-        runs = []
-        for summary in results[name].values():
-            rows = [json.loads(line) for line in (Path(summary["checkpoint"]).parents[1] / "metrics.jsonl").read_text().splitlines()]
-            runs.append(rows)
+        runs = metrics[name]
         length = min(len(r) for r in runs)
         steps = [runs[0][i]["step"] for i in range(length)]
         return steps, smooth([mean(value(r[i]) for r in runs) for i in range(length)], window)
 
-    sip_variants = [n for n in results if n.startswith("sip_")]
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for name in sip_variants:
         ax.plot(*mean_curve(name, lambda r: r["chosen_rate"]["rollout"]), label=name)

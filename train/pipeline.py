@@ -51,14 +51,13 @@ def check_resources(cfg: SipConfig) -> None:
     """Fail before deploying anything if the actors cannot all be placed (Serve would wait forever)."""
     import ray
 
-    def replicas(d) -> int:
-        return d.autoscaling.get("min_replicas", 1) if d.autoscaling else d.num_replicas
+    from sip.serve.apps import replica_range
 
     need = cfg.train.num_cpus + cfg.rollout.num_generators * cfg.rollout.num_cpus
     if not cfg.judge.attach:
-        need += replicas(cfg.judge) * cfg.judge.num_cpus
+        need += replica_range(cfg.judge)[0] * cfg.judge.num_cpus
     if cfg.needs_rewriter and not cfg.rewriter.attach:
-        need += replicas(cfg.rewriter) * cfg.rewriter.num_cpus
+        need += replica_range(cfg.rewriter)[0] * cfg.rewriter.num_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise PipelineError(
