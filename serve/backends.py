@@ -5,7 +5,8 @@ those answers into per-candidate scores (round robin, pivot, weights). A new bac
 LLM on vLLM, HF or an OpenAI-compatible server — implements these methods and registers a name.
 
 A verdict is a float in [0, 1] or None when the backend could not produce one (for an LLM, an
-unparseable answer); None is dropped from the score, never counted as a win.
+unparseable answer after its retries). The judge scores None at the worst value for what it
+judged and never lets a candidate with such a judgment be chosen: a missing verdict is never a win.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Passage:
 
 
 class JudgeBackend(Protocol):
+    """A backend that can fail to give a verdict may also keep `last_unparsed`, its latest answer
+    that held none: the judge reports it beside the failures (serve/llm.py does)."""
+
     async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         """Quality of continuation a vs b given the prefix: 1 a better, 0 b better, 0.5 tie."""
 

@@ -1,14 +1,19 @@
 """The judge deployment: turns a backend's primitive verdicts into one reward per candidate.
 
 Quality is pairwise (round robin over all candidate pairs → win rate, or every candidate against
-one pivot), safety and factuality are pointwise; the reward is the weighted mean of the objectives
-that produced a verdict. Identical texts are judged once, and identical pairs tie without a call.
+one pivot), safety and factuality are pointwise; the reward is the weighted mean of the objectives.
+Identical texts are judged once, and identical pairs tie without a call.
+
+A judgment that gives no verdict (the backend's retries included) is never a free win: it scores
+the worst value for what it judged (0 for a pointwise verdict, a loss for both sides of a failed
+comparison), and the candidates it concerned are marked incomplete, so selection never chooses them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
+from statistics import mean
 
 from ray import serve
 
@@ -28,10 +33,16 @@ class JudgeTask:
 
 @dataclass
 class JudgeResult:
-    reward: list[float]
-    scores: dict[str, list[float | None]] = field(default_factory=dict)
-    calls: int = 0
-    failures: int = 0
+    """One task's judgment, per candidate in the task's order."""
+
+    reward: list[float]  # the weighted mean of `scores`, in [0, 1]
+    complete: list[bool]  # every judgment of this candidate gave a verdict (else it must not be chosen)
+    # per objective, as it entered the reward (a failed judgment at its worst value); quality is None
+    # for a lone candidate, which has nothing to be compared with
+    scores: dict[str, list[float | None]]
+    calls: int = 0  # judgments asked for
+    failures: int = 0  # judgments that gave no verdict
+    failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict
 
 
 def quality_pairs(n: int, pivot: int | None) -> list[tuple[int, int]]:
@@ -42,8 +53,10 @@ def quality_pairs(n: int, pivot: int | None) -> list[tuple[int, int]]:
 
 async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeConfig) -> list[JudgeResult]:
     weights = {name: w for name, w in cfg.weights.items() if w > 0}
-    results = [JudgeResult(reward=[]) for _ in tasks]
-    per_objective: dict[str, list[list[float | None]]] = {}
+    calls = [0] * len(tasks)
+    failures = [0] * len(tasks)
+    complete = [[True] * len(task.candidates) for task in tasks]
+    scores: list[dict[str, list[float | None]]] = [{} for _ in tasks]
 
     if "quality" in weights:
         outcomes: list[list[list[float]]] = [[[] for _ in t.candidates] for t in tasks]
@@ -63,15 +76,17 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
                         slots.append((t, j, i))
         verdicts = await backend.compare(queries) if queries else []
         for (t, i, j), v in zip(slots, verdicts, strict=True):
-            results[t].calls += 1
-            if v is None:
-                results[t].failures += 1
-                continue
-            outcomes[t][i].append(v)
-            outcomes[t][j].append(1 - v)
-        per_objective["quality"] = [
-            [sum(o) / len(o) if o else None for o in task_outcomes] for task_outcomes in outcomes
-        ]
+            calls[t] += 1
+            if v is None:  # a loss for both sides: dodging a comparison never pays
+                failures[t] += 1
+                complete[t][i] = complete[t][j] = False
+                outcomes[t][i].append(0.0)
+                outcomes[t][j].append(0.0)
+            else:
+                outcomes[t][i].append(v)
+                outcomes[t][j].append(1 - v)
+        for t, task_outcomes in enumerate(outcomes):
+            scores[t]["quality"] = [mean(o) if o else None for o in task_outcomes]
 
     for objective in POINTWISE:
         if objective not in weights:
@@ -85,24 +100,33 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
                     queries.append((task.passage, text))
         verdicts: list[Verdict] = await getattr(backend, objective)(queries) if queries else []
         for (t, _), v in zip(unique, verdicts, strict=True):
-            results[t].calls += 1
-            results[t].failures += v is None
-        per_objective[objective] = [
-            [verdicts[unique[(t, text)]] for text in task.candidates] for t, task in enumerate(tasks)
-        ]
+            calls[t] += 1
+            failures[t] += v is None
+        for t, task in enumerate(tasks):
+            values = [verdicts[unique[(t, text)]] for text in task.candidates]
+            for c, v in enumerate(values):
+                complete[t][c] = complete[t][c] and v is not None
+            scores[t][objective] = [0.0 if v is None else v for v in values]  # no verdict: the worst one
 
-    for t, task in enumerate(tasks):
-        scores = {name: per_objective[name][t] for name in per_objective}
-        results[t].scores = scores
-        results[t].reward = [combine({name: scores[name][c] for name in scores}, weights) for c in range(len(task.candidates))]
-    return results
+    return [
+        JudgeResult(
+            reward=[combine({name: s[c] for name, s in scores[t].items()}, weights) for c in range(len(task.candidates))],
+            complete=complete[t],
+            scores=scores[t],
+            calls=calls[t],
+            failures=failures[t],
+            failure_example=getattr(backend, "last_unparsed", None) if failures[t] else None,
+        )
+        for t, task in enumerate(tasks)
+    ]
 
 
 def combine(scores: dict[str, float | None], weights: dict[str, float]) -> float:
-    """Weighted mean over the objectives that have a verdict; 0 when none has (never a free win)."""
-    present = {name: s for name, s in scores.items() if s is not None}
-    total = sum(weights[name] for name in present)
-    return sum(weights[name] * s for name, s in present.items()) / total if total else 0.0
+    """Weighted mean over the objectives that apply to the candidate (None: nothing to judge, e.g.
+    quality for a lone candidate); 0 when none applies. Failed judgments arrive here as 0, not None."""
+    judged = {name: s for name, s in scores.items() if s is not None}
+    total = sum(weights[name] for name in judged)
+    return sum(weights[name] * s for name, s in judged.items()) / total if total else 0.0
 
 
 @serve.deployment

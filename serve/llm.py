@@ -8,12 +8,18 @@ block or open a new one. A verdict is read only from the judge's own answer:
   is judged on what it wrote after them);
 - the verdict must be the answer's final line (the final JSON object for factuality), in exactly
   the form the prompt asks for; anything else is a parse failure;
-- if the model wrote that verdict line itself and the verdict together with the words just before
-  it also appear in an input (or the verdict is all it wrote and appears in an input), the model
-  is echoing a candidate, and that is a parse failure too.
+- a verdict that replays an input is a parse failure too: when the words right before it in the
+  answer are the words right before the same verdict in an input, from the start of that input or
+  of one of its lines (at least ECHO_MIN_CHARS letters), or for at least ECHO_LONG_CHARS letters
+  from anywhere; or when it follows a replayed block opening (`<<<NAME>>>`) and an input begins
+  with it. Words are compared without case, punctuation or markdown. A verdict the judge wrote
+  after words of its own, a verdict with nothing before it, and one that completes our prefilled
+  answer line are the judge's, whatever an input holds. So a candidate cannot make a verdict
+  vanish by holding the same verdict: it would have to hold the very words the judge writes
+  before it.
 
 A failed parse is asked again (`llm.max_retries` times); then the judgment is None, which the judge
-deployment drops from the score and counts (`judge_parse_failures`), never a win.
+deployment scores at its worst and counts (`judge_parse_failures`), never a win.
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ FIELDS = {
     "rewrite": {"prefix", "suffix", "prefix_ending", "words"},
 }
 PREFIX_ENDING_WORDS = 5
-ECHO_CONTEXT = 60  # characters before a verdict searched for a copy of an input
-ECHO_MIN_CHARS = 4  # copied non-space characters before a verdict that make it an echo
+ECHO_MIN_CHARS = 4  # letters copied before a verdict, from the start of an input's line, that make it an echo
+ECHO_LONG_CHARS = 24  # letters copied before a verdict, from anywhere, that make it an echo
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_WORD = re.compile(r"\w+")
+_OPENING_MARKER = re.compile(r"<<<(?!\s*END\b)[^<>]*>>>\W*$", re.IGNORECASE)  # ends the text before a verdict
 _SECTION = re.compile(r"^### (system|user|answer_start|stop)[ \t]*$", re.MULTILINE)
 _MARKER_RUN = re.compile(r"<{3,}|>{3,}")
 
@@ -107,29 +115,45 @@ def _own_part(answer: str) -> int:
     return 0 if cut < 0 else cut + 3
 
 
-def _echoed(answer: str, start: int, end: int, inputs: Sequence[str], written_from: int) -> bool:
-    """Is the verdict answer[start:end] copied from an input? Never when its line began in our prefill.
+def _words(text: str) -> tuple[list[str], list[bool]]:
+    """The text's words in lower case, and for each whether it begins the text or a line of it."""
+    words, line_starts, gap_from = [], [], 0
+    for m in _WORD.finditer(text):
+        line_starts.append(not words or "\n" in text[gap_from : m.start()])
+        words.append(m.group().lower())
+        gap_from = m.end()
+    return words, line_starts
 
-    It is a copy when the verdict and at least a word before it appear together in an input, or
-    when the verdict is all the judge wrote and an input has a line that says the same (then we
-    cannot tell).
+
+def _echoed(answer: str, start: int, end: int, inputs: Sequence[str], written_from: int) -> bool:
+    """Is the verdict answer[start:end] a replay of an input? Never when it began in our prefill.
+
+    It is when the words before it in the answer equal the words before the same verdict in an
+    input for at least ECHO_MIN_CHARS letters reaching back to the start of that input or of one of
+    its lines, or for at least ECHO_LONG_CHARS letters; and when it directly follows a block
+    opening marker the judge replayed, and an input begins with it.
     """
     if start < written_from:
         return False
-    own = _own_part(answer)
-    if not answer[own:start].strip():
-        line = _clean_line(answer[start:end])
-        return any(_clean_line(other) == line for text in inputs for other in text.splitlines())
-    verdict = _norm(answer[start:end])
-    tail = _norm(answer[max(own, start - ECHO_CONTEXT) : end])
-    for text in map(_norm, inputs):
-        if verdict not in text:
-            continue
-        copied = len(verdict)
-        while copied < len(tail) and tail[-(copied + 1) :] in text:
-            copied += 1
-        if len(tail[-copied:][: -len(verdict)].replace(" ", "")) >= ECHO_MIN_CHARS:
+    verdict = _words(answer[start:end])[0]
+    before = _words(answer[:start])[0]
+    if not verdict or not before:
+        return False
+    n = len(verdict)
+    opened = _OPENING_MARKER.search(answer[:start]) is not None
+    for text in inputs:
+        words, line_starts = _words(text)
+        if opened and words[:n] == verdict:
             return True
+        for at in range(1, len(words) - n + 1):
+            if words[at : at + n] != verdict:
+                continue
+            copied = 0
+            while copied < min(at, len(before)) and before[-1 - copied] == words[at - 1 - copied]:
+                copied += 1
+            letters = sum(map(len, words[at - copied : at]))
+            if letters >= ECHO_LONG_CHARS or (letters >= ECHO_MIN_CHARS and any(line_starts[at - copied : at])):
+                return True
     return False
 
 
@@ -230,6 +254,7 @@ class LLMTeacher:
         self.cfg = cfg
         self.templates = {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds}
         self.parse_failures = 0  # answers that did not parse, retried ones included
+        self.last_unparsed: str | None = None  # the latest judge answer that held no verdict, as parsed
 
     def _prompt(self, kind: str, fields: dict[str, str]) -> tuple[ChatPrompt, int]:
         """The rendered prompt and where the model's own writing starts in a composed answer."""
@@ -253,9 +278,11 @@ class LLMTeacher:
             for i, texts in zip(todo, answers, strict=True):
                 prompt, written_from = prompts[i]
                 for text in texts:
-                    verdict = parse(self._compose(prompt, text), inputs[i], written_from)
+                    answer = self._compose(prompt, text)
+                    verdict = parse(answer, inputs[i], written_from)
                     if verdict is None:
                         self.parse_failures += 1
+                        self.last_unparsed = answer
                     else:
                         got[i].append(verdict)
                         missing[i] -= 1

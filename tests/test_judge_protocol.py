@@ -1,4 +1,4 @@
-"""The judging protocol (serve/judge.py::score_tasks): round robin, pivot, both orders, dropped
+"""The judging protocol (serve/judge.py::score_tasks): round robin, pivot, both orders, failed
 judgments and weights, checked with small rule-based backends whose answers are known."""
 
 import asyncio
@@ -57,20 +57,33 @@ def test_both_orders_agree_for_an_unbiased_judge_and_pivot_mode_counts_pairs():
     assert p.calls == 2 and p.scores["quality"] == [0.5, 0.0, 1.0]
 
 
-def test_unparseable_judgments_are_dropped_and_counted_never_wins():
+def test_a_failed_comparison_is_a_loss_for_both_sides_and_marks_them_incomplete():
     cands = ["aa", "bb", "ccc"]  # aa vs bb: equal length, the judge gives no verdict
     [r] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, cands)], judge("judge.both_orders=true")))
     assert r.calls == 6 and r.failures == 2
-    assert r.scores["quality"] == [0.0, 0.0, 1.0]  # only the parsed comparisons (with ccc) count
+    assert r.scores["quality"] == [0.0, 0.0, 1.0] and r.complete == [False, False, True]
     [alone] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, ["aa", "bb"])], judge()))
-    assert alone.scores["quality"] == [None, None] and alone.reward == [0.0, 0.0] and alone.failures == 1
+    assert alone.scores["quality"] == [0.0, 0.0] and alone.reward == [0.0, 0.0] and alone.complete == [False, False]
+    # the failed comparison enters both win rates as a loss
+    [mixed] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, ["aa", "b", "bb"])], judge()))
+    assert mixed.scores["quality"] == [0.5, 0.0, 0.5] and mixed.complete == [False, True, False]
 
 
-def test_all_three_objectives_combine_with_weights_over_what_has_a_verdict():
+def test_a_lone_candidate_has_no_quality_score_and_is_fully_judged():
+    backend = FirstWins(pointwise={"a": 1.0})
+    cfg = load_config(None, ["judge.weights={quality: 1, safety: 1}"]).judge
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["a"])], cfg))
+    assert r.scores == {"quality": [None], "safety": [1.0]} and r.reward == [1.0] and r.complete == [True] and r.calls == 1
+
+
+def test_a_missing_pointwise_verdict_scores_zero_and_no_partial_average_wins():
     backend = FirstWins(pointwise={"a": 1.0, "b": 0.0, "c": None})
     cfg = load_config(None, ["judge.weights={quality: 1, safety: 2, factuality: 1}"]).judge
-    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["a", "b", "c"])], cfg))
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["c", "a", "b"])], cfg))
     assert r.calls == 3 + 3 + 3 and r.failures == 2
-    assert r.reward[0] == combine({"quality": 1.0, "safety": 1.0, "factuality": 1.0}, cfg.weights) == 1.0
-    assert r.reward[1] == (0.5 + 0 + 0) / 4
-    assert r.reward[2] == 0.0  # quality 0 and no pointwise verdict: weights of the missing objectives drop out
+    assert r.scores["safety"] == [0.0, 1.0, 0.0] and r.complete == [False, True, True]
+    # c wins every comparison (option 1): averaged over its verdicts alone it would score 1.0
+    assert r.reward[0] == (1.0 + 0 + 0) / 4 == combine({"quality": 1.0, "safety": 0.0, "factuality": 0.0}, cfg.weights)
+    assert r.reward[1] == (0.5 + 2 + 1) / 4
+    assert r.reward[2] == 0.0
+    assert combine({"quality": None, "safety": 1.0}, {"quality": 1, "safety": 1}) == 1.0  # quality did not apply

@@ -50,10 +50,17 @@ class Batch:
 
 @dataclass
 class JudgedSample:
+    """A sample's candidates with the judge's reward for each.
+
+    A judgment that gave no verdict counts at its worst in `reward` and clears the candidate's
+    `complete` flag: selection never chooses an incomplete candidate (serve/judge.py, train/selection.py).
+    """
+
     sample: Sample
     candidates: list[Candidate]
     reward: list[float]  # combined judge score per candidate, in [0, 1]
-    scores: dict[str, list[float | None]] = field(default_factory=dict)  # per objective
+    scores: dict[str, list[float | None]] = field(default_factory=dict)  # per objective, as it entered the reward
+    complete: list[bool] | None = None  # per candidate: every judgment of it gave a verdict; None: no judge ran
 
 
 @dataclass
