@@ -1,4 +1,8 @@
-"""The `sip` command line."""
+"""The `sip` command line.
+
+Every message prints its text as it is: the console has markup, emoji codes and highlighting off,
+so a config value or an error that holds `[suffix]` or `[/red]` shows exactly that.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,23 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from sip.train.config import ConfigError, SipConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Improving Pretraining on Ray.")
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+
+
+def fail(message: object, code: int) -> typer.Exit:
+    """Print an error in red, verbatim; the caller raises the returned Exit."""
+    console.print(str(message), style="red")
+    return typer.Exit(code)
+
+
+def where(what: str, path: object) -> Text:
+    """A message that ends with a path, the path in bold."""
+    return Text.assemble(what, (str(path), "bold"))
 
 
 def resolve_config(config: Optional[Path], overrides: list[str], output_dir: Optional[Path]) -> SipConfig:
@@ -21,8 +37,7 @@ def resolve_config(config: Optional[Path], overrides: list[str], output_dir: Opt
     try:
         return load_config(config, overrides)
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(err, 2) from None
 
 
 @app.command()
@@ -38,10 +53,9 @@ def train(
     try:
         summary = run_training(cfg)
     except PipelineError as err:
-        console.print(f"[red]sip train failed: {err}[/red]")
-        raise typer.Exit(1) from None
+        raise fail(f"sip train failed: {err}", 1) from None
     console.print_json(json.dumps({k: summary[k] for k in ("steps", "train_seconds", "samples", "final", "eval") if k in summary}))
-    console.print(f"outputs in [bold]{cfg.run.output_dir}[/bold]")
+    console.print(where("outputs in ", cfg.run.output_dir))
 
 
 @app.command("eval")
@@ -56,8 +70,7 @@ def eval_model(
     cfg = resolve_config(config, overrides or [], None)
     for folder in filter(None, (model, baseline)):
         if not (folder / "config.json").exists():
-            console.print(f"[red]{folder} is not a Hugging Face model folder (no config.json)[/red]")
-            raise typer.Exit(2)
+            raise fail(f"{folder} is not a Hugging Face model folder (no config.json)", 2)
     from rich.table import Table
 
     from sip.train.evaluate import METRIC_LABELS, evaluate_folders, markdown_report, write_rows
@@ -68,12 +81,12 @@ def eval_model(
     (out / "eval.json").write_text(json.dumps({"model": str(model), "baseline": baseline and str(baseline), **summary}, indent=2))
     (out / "eval.md").write_text(markdown_report(summary, str(model), baseline and str(baseline)))
     write_rows(out / "eval_samples.jsonl", rows)
-    table = Table("metric", "value", title=f"sip eval: {model}")
+    table = Table("metric", "value", title=Text(f"sip eval: {model}"))
     for key, label in METRIC_LABELS.items():
         if summary.get(key) is not None:
             table.add_row(label, f"{summary[key]:.3f}")
     Console().print(table)
-    console.print(f"wrote eval.json, eval.md and eval_samples.jsonl to [bold]{out}[/bold]")
+    console.print(where("wrote eval.json, eval.md and eval_samples.jsonl to ", out))
 
 
 @app.command()
@@ -90,14 +103,13 @@ def experiment(
         seed_list = [int(s) for s in seeds.split(",")]
         ks = tuple(int(k) for k in rollouts.split(","))
     except ValueError:
-        console.print("[red]--seeds and --rollouts take comma-separated integers[/red]")
-        raise typer.Exit(2) from None
+        raise fail("--seeds and --rollouts take comma-separated integers", 2) from None
     from sip.train.experiment import run_experiment
 
     output_dir.mkdir(parents=True, exist_ok=True)
     run_experiment(config, overrides or [], seed_list, output_dir, ks)
     console.print((output_dir / "results.md").read_text())
-    console.print(f"results, per-run outputs and plots in [bold]{output_dir}[/bold]")
+    console.print(where("results, per-run outputs and plots in ", output_dir))
 
 
 @app.command("serve")
@@ -127,8 +139,7 @@ def serve_apps(
     try:
         running = deploy_apps(cfg, url, timeout)
     except ClusterError as err:
-        console.print(f"[red]sip serve failed: {err}[/red]")
-        raise typer.Exit(1) from None
+        raise fail(f"sip serve failed: {err}", 1) from None
     for name, replicas in running.items():
         console.print(f"{name}: RUNNING with {replicas} replica{'s' if replicas != 1 else ''} on {url}")
 
@@ -155,9 +166,8 @@ def convert_smollm2(
     try:
         folder = convert(dest or DEFAULT_DIR, force=force)
     except (FileNotFoundError, ImportError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
-    console.print(f"SmolLM2 is in [bold]{folder}[/bold] (judge.llm.model / rewriter.llm.model)")
+        raise fail(err, 1) from None
+    console.print(where("SmolLM2 is in ", folder).append(" (judge.llm.model / rewriter.llm.model)"))
 
 
 def main() -> None:
