@@ -1,8 +1,11 @@
 """Rollout generators: each worker turns a batch of samples into judged candidates.
 
 One episode per batch: ask the rewriter (it does not depend on the policy, so it runs while the
-rollouts are sampled), sample K rollouts at the batch's policy version, then ask the judge to score
-every candidate. Episodes of different batches overlap; generation and weight loads never do.
+rollouts are sampled), bring the engine to the batch's policy version, sample K rollouts, then ask
+the judge to score every candidate. Episodes of different batches overlap; generation and weight
+loads never do. Every judge and rewriter request has a timeout and is retried with backoff (a
+replica that died or hung is replaced by Serve meanwhile); an episode that still fails comes back
+with its error, and the driver feeds the batch again.
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
 
-from sip.actors.policy import build_policy, load_numpy, sample_rollouts
+from sip.actors.policy import build_policy, load_wire, sample_rollouts
+from sip.actors.weight_sync import make_weight_sync
 from sip.serve.backends import Passage
-from sip.serve.judge import JUDGE_APP, JudgeResult, JudgeTask
-from sip.serve.rewriter import REWRITER_APP
+from sip.serve.judge import JudgeResult, JudgeTask
 from sip.train.config import SipConfig
 from sip.train.metrics import RolloutMetrics, run_name
 from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Rollout, Sample
@@ -31,8 +35,10 @@ class GenerationBackend(Protocol):
 
     def load_weights(self, version: int, weights: dict) -> None: ...
 
-    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
-        """K samples of exactly `n` new tokens per prefix, with per-token log-probabilities."""
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False,
+                 seed: int | None = None) -> list[list[Rollout]]:
+        """K samples of exactly `n` new tokens per prefix, with per-token log-probabilities; `seed`
+        makes them a function of the weights and the batch alone."""
 
 
 class HFGenerator:
@@ -45,10 +51,13 @@ class HFGenerator:
         self.version = -1
 
     def load_weights(self, version: int, weights: dict) -> None:
-        load_numpy(self.model, weights)
+        load_wire(self.model, weights)
         self.version = version
 
-    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False,
+                 seed: int | None = None) -> list[list[Rollout]]:
+        if seed is not None:
+            torch.manual_seed(seed)
         return sample_rollouts(self.model, prefixes, n, self.pad_id, samples=k, temperature=self.cfg.temperature,
                                top_p=self.cfg.top_p, greedy=greedy)
 
@@ -79,6 +88,9 @@ class VLLMGenerator:
         self._thread.submit(self._vllm.reload_weights, self.llm, weights).result()
         self.version = version
 
+    def close(self) -> None:
+        self._thread.submit(self._vllm.shutdown, self.llm).result()
+
     def join_weight_group(self, init_info: dict) -> None:
         self._thread.submit(self._vllm.join_weight_group, self.llm, init_info).result()
 
@@ -86,37 +98,44 @@ class VLLMGenerator:
         self._thread.submit(self._vllm.receive_weights, self.llm, update_info).result()
         self.version = version
 
-    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False) -> list[list[Rollout]]:
+    def generate(self, prefixes: list[list[int]], k: int, n: int, greedy: bool = False,
+                 seed: int | None = None) -> list[list[Rollout]]:
         return self._thread.submit(self._vllm.sample, self.llm, prefixes, k, n, temperature=self.cfg.temperature,
-                                   top_p=self.cfg.top_p, greedy=greedy).result()
+                                   top_p=self.cfg.top_p, greedy=greedy, seed=seed).result()
 
 
 GENERATORS = {"hf": HFGenerator, "vllm": VLLMGenerator}
 
 
+class RequestFailed(RuntimeError):
+    """A judge or rewriter request failed on every try; the message names the deployment."""
+
+
 class RolloutWorker:
-    def __init__(self, cfg: SipConfig, tokenizer_dir: str, worker_id: int):
+    def __init__(self, cfg: SipConfig, tokenizer_dir: str, worker_id: int, apps: dict[str, str]):
+        """`apps`: the Serve app names of this run's judge and rewriter ("judge", "rewriter" keys)."""
         from transformers import AutoTokenizer
 
         torch.set_num_threads(cfg.policy.torch_threads)
-        torch.manual_seed(cfg.run.seed * 1000 + worker_id)
         self.cfg = cfg
         self.sources = cfg.train.candidates
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.engine: GenerationBackend | None = None
         if "rollouts" in self.sources:
             self.engine = GENERATORS[cfg.rollout.backend](cfg, self.tokenizer, worker_id)
+        self.weight_sync = make_weight_sync(cfg)
         self._engine_lock = asyncio.Lock()
+        self.apps = apps
         self.judge = self.rewriter = None
         self.metrics = RolloutMetrics(run_name(cfg), worker_id)
 
-    def _handles(self):
+    def _handles(self) -> None:
         from ray import serve
 
         if self.judge is None and self.cfg.needs_judge:
-            self.judge = serve.get_app_handle(JUDGE_APP)
+            self.judge = serve.get_app_handle(self.apps["judge"])
         if self.rewriter is None and self.cfg.needs_rewriter:
-            self.rewriter = serve.get_app_handle(REWRITER_APP)
+            self.rewriter = serve.get_app_handle(self.apps["rewriter"])
 
     async def join_weight_group(self, init_info: dict) -> None:
         """rollout.weight_sync=nccl: join the learner's NCCL group (it waits here for every engine)."""
@@ -127,74 +146,90 @@ class RolloutWorker:
         async with self._engine_lock:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.receive_weights, update_info, version)
 
-    async def run(self, samples_q, judged_q) -> int:
-        """Work until a None arrives on `samples_q`; returns the number of batches judged."""
+    async def episode(self, batch: Batch) -> JudgedBatch:
+        """The batch's candidates, judged; an episode that fails returns its error instead of raising."""
         self._handles()
-        timeout = self.cfg.pipeline.timeout_s
-        episodes: set[asyncio.Task] = set()
-        done = 0
-        while True:
-            batch = await samples_q.get_async(timeout=timeout)
-            if batch is None:
-                break
-            episodes.add(asyncio.create_task(self.episode(batch, judged_q)))
-            finished = {t for t in episodes if t.done()}
-            done += len(finished)
-            episodes -= finished
-        await asyncio.gather(*episodes)
-        return done + len(episodes)
-
-    async def episode(self, batch: Batch, judged_q) -> None:
         try:
-            result = await self._judged(batch)
-        except Exception as err:  # the driver must hear of it now, not at its queue timeout
-            result = JudgedBatch(index=batch.index, judged=[], error=f"{type(err).__name__}: {err}")
-        await judged_q.put_async(result, timeout=self.cfg.pipeline.timeout_s)
+            return await self._judged(batch)
+        except Exception as err:  # noqa: BLE001 — the driver decides: it feeds the batch again
+            return JudgedBatch(index=batch.index, attempt=batch.attempt, judged=[], error=f"{type(err).__name__}: {err}")
+
+    async def _request(self, app: str, make_call, retries: Counter):
+        """One Serve request with a timeout, tried again with doubling backoff after a failure or a hang."""
+        p = self.cfg.pipeline
+        problem = ""
+        for attempt in range(p.request_retries + 1):
+            if attempt:
+                retries[app] += 1
+                await asyncio.sleep(p.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                return await asyncio.wait_for(make_call(), p.request_timeout_s)
+            except asyncio.TimeoutError:
+                problem = f"no answer within pipeline.request_timeout_s={p.request_timeout_s:g}s"
+            except Exception as err:  # noqa: BLE001 — a replica that died mid-request, an overloaded one, ...
+                problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise RequestFailed(f"the {app} deployment ({self.apps[app]}) failed {p.request_retries + 1} tries; last: {problem}")
 
     async def _judged(self, batch: Batch) -> JudgedBatch:
         start = time.perf_counter()
-        timeout = self.cfg.pipeline.timeout_s
         samples = batch.samples
         passages = [Passage(s.prefix, s.suffix, s.truth) for s in samples]
-        rewrites = [self.metrics.rewriter_call(self.rewriter.rewrite.remote(p)) for p in passages] if self.rewriter else []
-        rollouts, version = await self._rollouts(batch) if self.engine else ([[] for _ in samples], None)
-        rewrite_texts = await asyncio.wait_for(asyncio.gather(*rewrites), timeout) if rewrites else []
+        retries: Counter = Counter()
+        stages: dict[str, float] = {}
+        rewrites = asyncio.ensure_future(self._rewrites(passages, retries, stages)) if self.rewriter else None
+        rollouts, version = await self._rollouts(batch, stages) if self.engine else ([[] for _ in samples], None)
+        rewrite_texts = await rewrites if rewrites else []
 
         candidates, rewrite_failures = self._candidates(samples, rollouts, version, rewrite_texts)
-        result = JudgedBatch(index=batch.index, judged=[], rewrite_failures=rewrite_failures)
+        result = JudgedBatch(index=batch.index, attempt=batch.attempt, judged=[], rewrite_failures=rewrite_failures)
         if self.judge is None:
             result.judged = [JudgedSample(s, c, reward=[1.0] * len(c)) for s, c in zip(samples, candidates)]
         else:
+            judge_start = time.perf_counter()
             pivot_source = "rewrite" if self.cfg.judge.pivot == "rewrite" else "suffix"
             tasks = [
                 JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == pivot_source), None))
                 for p, cands in zip(passages, candidates)
             ]
-            verdicts: list[JudgeResult] = await asyncio.wait_for(
-                asyncio.gather(*(self.metrics.judge_call(self.judge.score.remote(t)) for t in tasks)), timeout
-            )
+            verdicts: list[JudgeResult] = await asyncio.gather(*(
+                self._request("judge", lambda t=t: self.metrics.judge_call(self.judge.score.remote(t)), retries) for t in tasks
+            ))
             for sample, cands, v in zip(samples, candidates, verdicts):
-                result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores))
+                result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores, complete=v.complete))
                 result.judge_calls += v.calls
                 result.judge_failures += v.failures
-        result.worker_seconds = time.perf_counter() - start
+                result.judge_failure_example = v.failure_example or result.judge_failure_example
+            stages["judge"] = time.perf_counter() - judge_start
+        result.request_retries = dict(retries)
+        stages["episode"] = time.perf_counter() - start
+        result.stage_seconds = stages
         return result
 
-    async def _rollouts(self, batch: Batch) -> tuple[list[list[Rollout]], int]:
+    async def _rewrites(self, passages: list[Passage], retries: Counter, stages: dict) -> list[str]:
+        start = time.perf_counter()
+        texts = await asyncio.gather(*(
+            self._request("rewriter", lambda p=p: self.metrics.rewriter_call(self.rewriter.rewrite.remote(p)), retries)
+            for p in passages
+        ))
+        stages["rewrite"] = time.perf_counter() - start
+        return list(texts)
+
+    async def _rollouts(self, batch: Batch, stages: dict) -> tuple[list[list[Rollout]], int]:
         """The batch's rollouts and the policy version that wrote them."""
         async with self._engine_lock:
-            loop = asyncio.get_running_loop()
-            if batch.weights and batch.weights_version > self.engine.version:
-                weights = await asyncio.wait_for(batch.weights[0], self.cfg.pipeline.timeout_s)
-                await loop.run_in_executor(None, self.engine.load_weights, batch.weights_version, weights)
-            if self.engine.version < batch.weights_version:  # the batch's staleness bound assumes at least this version
-                raise RuntimeError(f"batch {batch.index} needs policy version {batch.weights_version}, "
-                                   f"the engine holds {self.engine.version} and the batch carries no newer weights")
+            start = time.perf_counter()
+            await self.weight_sync.apply(self.engine, batch.weights)
+            stages["weights"] = time.perf_counter() - start
+            if self.engine.version < batch.weights.version:  # the batch's staleness bound assumes at least this version
+                raise RuntimeError(f"batch {batch.index} needs policy version {batch.weights.version}, "
+                                   f"the engine holds {self.engine.version}")
             prefixes = [s.prefix_ids for s in batch.samples]
             n, k = self.cfg.data.suffix_tokens, self.cfg.rollout.k
+            seed = self.cfg.run.seed * 1_000_003 + batch.index  # the same batch samples the same rollouts on any worker
             start = time.perf_counter()
-            rollouts = await loop.run_in_executor(None, self.engine.generate, prefixes, k, n)
-            self.metrics.generated(sum(len(r.ids) for group in rollouts for r in group), time.perf_counter() - start)
+            rollouts = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prefixes, k, n, False, seed)
+            stages["generate"] = time.perf_counter() - start
+            self.metrics.generated(sum(len(r.ids) for group in rollouts for r in group), stages["generate"])
             return rollouts, self.engine.version
 
     def _candidates(self, samples: list[Sample], rollouts, version, rewrite_texts) -> tuple[list[list[Candidate]], int]:

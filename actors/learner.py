@@ -1,24 +1,31 @@
-"""The policy learner: holds the policy, a frozen reference copy, AdamW and the LR schedule.
+"""One rank of the policy learner: an FSDP2 shard of the policy and of the frozen DPO reference,
+AdamW, and the LR schedule.
 
-One `train_step` = one optimizer step = one new policy version. Plain class; the pipeline wraps
-it with `ray.remote`, tests can use it directly.
+The learner group (`actors/learner_group.py`) starts N ranks in a placement group and joins them
+in one process group (gloo on CPU, NCCL on GPUs); a single learner is the same code with N = 1.
+Each decoder layer is its own FSDP2 unit. Every method that touches the model is a collective:
+all ranks call it, each on its own share. One `train_step` is one optimizer step and one new
+policy version, whatever the micro-batch size: gradients accumulate over micro-batches, and each
+contribution is normalised by the *global* batch's totals, so 1 rank and N ranks, one pass or
+many, take the same step.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from sip.actors.policy import build_policy, greedy_batched, load_numpy, to_numpy
+from sip.actors.policy import build_policy, greedy_batched, to_wire
+from sip.train.checkpoint import REFERENCE_DIR, complete, fingerprint, link_or_copy_tree, load_sharded, read_state, save_sharded, write_state
 from sip.train.config import SipConfig
-from sip.train.losses import dpo_loss, nll_loss, target_logprobs
+from sip.train.losses import dpo_terms, target_logprobs
 from sip.train.records import TrainExample
-
-STATE_FILE = "trainer_state.pt"
-REFERENCE_DIR = "reference"
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -29,85 +36,228 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class Learner:
-    def __init__(self, cfg: SipConfig, tokenizer_dir: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def compute_dtype(cfg: SipConfig) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if cfg.train.num_gpus > 0 else torch.float32
+    return getattr(torch, cfg.train.dtype)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF causal LM (Llama-style `model.layers`, GPT-2-style `transformer.h`)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        node = model
+        for name in path.split("."):
+            node = getattr(node, name, None)
+        if isinstance(node, torch.nn.ModuleList):
+            return list(node)
+    return []
+
+
+class LearnerRank:
+    def __init__(self, cfg: SipConfig, tokenizer_dir: str, rank: int = 0, world_size: int = 1):
+        from transformers import AutoTokenizer
 
         torch.set_num_threads(cfg.policy.torch_threads)
-        self.cfg = cfg
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id
-        resume = cfg.run.resume_from
-        if resume is not None:
-            self.model = AutoModelForCausalLM.from_pretrained(resume, dtype=torch.float32)
-        else:
-            self.model = build_policy(cfg.policy, self.tokenizer, cfg.run.seed, cfg.data.max_seq_tokens)
-        self.model.to("cuda" if cfg.train.num_gpus > 0 else "cpu").train()
-        self.reference = None
-        if cfg.train.objective == "dpo":
-            if resume is not None:
-                self.reference = AutoModelForCausalLM.from_pretrained(Path(resume) / REFERENCE_DIR, dtype=torch.float32)
-                self.reference.to(self.model.device)
-            else:
-                self.reference = copy.deepcopy(self.model)
-            self.reference.eval().requires_grad_(False)
-        t = cfg.train
+        self.device = torch.device("cuda", 0) if cfg.train.num_gpus > 0 else torch.device("cpu")
+        self.version = 0
+        self.extra: dict = {}
+        self._reference_saved: Path | None = None  # a checkpoint's reference folder to link to instead of writing it again
+        self._nccl = None
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    def rendezvous(self) -> str:
+        """Rank 0: the address where every rank joins the process group."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, init_method: str, resume_from: str | None = None) -> tuple[int, dict]:
+        """Join the process group, build and shard the policy (and the reference), restore a checkpoint."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=self.cfg.pipeline.timeout_s))
+        policy = self._load(resume_from or self.cfg.policy.init)
+        reference = None
+        if self.cfg.train.objective == "dpo":
+            # the reference is the policy the run started from; a checkpoint keeps it beside the policy
+            reference = self._load(str(Path(resume_from) / REFERENCE_DIR)) if resume_from else copy.deepcopy(policy)
+            reference.requires_grad_(False).eval()
+            if resume_from:
+                self._reference_saved = Path(resume_from) / REFERENCE_DIR
+        if self.cfg.train.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._shard(policy).train()
+        self.reference = self._shard(reference) if reference is not None else None
+        t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio)
         )
-        self.version = 0
-        self.extra_state: dict = {}
-        self._nccl = None
-        if resume is not None:
-            state = torch.load(Path(resume) / STATE_FILE, weights_only=False, map_location=self.model.device)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.version = state["version"]
-            self.extra_state = state["extra"]
+        if resume_from:
+            self._restore(Path(resume_from))
+        return self.version, self.extra
 
-    def train_step(self, examples: list[TrainExample]) -> dict[str, float]:
-        """One optimizer step on the examples; an empty list still advances the version."""
+    def _load(self, source: str):
+        if source == "scratch":
+            return build_policy(self.cfg.policy, self.tokenizer, self.cfg.run.seed, self.cfg.data.max_seq_tokens)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+    def _shard(self, model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model.to(self.device)
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype(self.cfg), reduce_dtype=torch.float32)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+
+    def _restore(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        load_sharded(state, folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        trainer = read_state(folder)
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.version = trainer["version"]
+        self.extra = trainer["extra"]
+        rng = trainer["rng"]
+        if self.rank < len(rng):
+            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng[self.rank])), dtype=torch.uint8))
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def train_step(self, share: list[TrainExample], totals: dict) -> dict[str, float]:
+        """One optimizer step on the global batch, of which this rank computes `share`.
+
+        `totals` (the same on every rank): `examples` and `chosen_tokens` of the global batch, the
+        number of `micro_batches` every rank runs and their `micro_batch_size`, and a `filler`
+        example that a rank with fewer examples runs at zero weight (every rank must take part in
+        every collective of FSDP's forward and backward).
+        """
         metrics: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}
-        if examples:
-            loss = self._loss(examples, metrics)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        if totals["examples"]:
+            sums = torch.zeros(5, dtype=torch.float64)  # nll sum, chosen tokens, dpo loss sum, margin sum, preferred
+            size = totals["micro_batch_size"]
+            for i in range(totals["micro_batches"]):
+                chunk = share[i * size : (i + 1) * size]
+                weight = 1.0 if chunk else 0.0
+                self._accumulate(chunk or [totals["filler"]], weight, totals, sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.optimizer.step()
-            metrics.update(loss=loss.item(), grad_norm=grad_norm.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics.update(self._global_metrics(sums, totals), grad_norm=_local(grad_norm).item())
         self.scheduler.step()
         self.version += 1
         metrics["policy_version"] = self.version
         return metrics
 
-    def _loss(self, examples: list[TrainExample], metrics: dict[str, float]) -> torch.Tensor:
-        prefixes = [e.prefix_ids for e in examples]
-        chosen = [e.chosen_ids for e in examples]
+    def _accumulate(self, chunk: list[TrainExample], weight: float, totals: dict, sums: torch.Tensor) -> None:
+        """Forward and backward of one micro-batch. FSDP averages gradients over the ranks, so each
+        contribution is scaled by the world size: the reduced gradient is that of the global loss."""
+        prefixes = [e.prefix_ids for e in chunk]
+        chosen = [e.chosen_ids for e in chunk]
+        scale = weight * self.world_size
         if self.cfg.train.objective != "dpo":
             logp, n_tokens = target_logprobs(self.model, prefixes, chosen, self.pad_id)
-            loss = nll_loss(logp, n_tokens)
-            metrics["nll"] = loss.item()
-            return loss
-        rejected = [e.rejected_ids for e in examples]
-        both_prefixes = prefixes + prefixes
-        logp, n_tokens = target_logprobs(self.model, both_prefixes, chosen + rejected, self.pad_id)
+            (-logp.sum() / totals["chosen_tokens"] * scale).backward()
+            sums += weight * torch.tensor([-logp.sum().item(), n_tokens.sum().item(), 0, 0, 0], dtype=torch.float64)
+            return
+        targets = chosen + [e.rejected_ids for e in chunk]
+        logp, n_tokens = target_logprobs(self.model, prefixes + prefixes, targets, self.pad_id)
         with torch.no_grad():
-            ref_logp, _ = target_logprobs(self.reference, both_prefixes, chosen + rejected, self.pad_id)
-        b = len(examples)
-        loss, margin, accuracy = dpo_loss(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], self.cfg.train.beta)
-        nll = nll_loss(logp[:b], n_tokens[:b])
-        metrics.update(dpo_loss=loss.item(), nll=nll.item(), reward_margin=margin.item(), preference_accuracy=accuracy.item())
-        return loss + self.cfg.train.nll_coef * nll
+            ref_logp, _ = target_logprobs(self.reference, prefixes + prefixes, targets, self.pad_id)
+        b = len(chunk)
+        dpo, margin = dpo_terms(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], self.cfg.train.beta)
+        nll_sum = -logp[:b].sum()
+        loss = dpo.sum() / totals["examples"] + self.cfg.train.nll_coef * nll_sum / totals["chosen_tokens"]
+        (loss * scale).backward()
+        sums += weight * torch.tensor([nll_sum.item(), n_tokens[:b].sum().item(), dpo.sum().item(), margin.sum().item(),
+                                       (margin > 0).sum().item()], dtype=torch.float64)
 
-    def weights(self):
-        return to_numpy(self.model)
+    def _global_metrics(self, sums: torch.Tensor, totals: dict) -> dict[str, float]:
+        reduced = sums.to(self.device)
+        dist.all_reduce(reduced)
+        nll_sum, tokens, dpo_sum, margin_sum, preferred = reduced.tolist()
+        nll = nll_sum / max(tokens, 1)
+        if self.cfg.train.objective != "dpo":
+            return {"loss": nll, "nll": nll}
+        n = totals["examples"]
+        return {"loss": dpo_sum / n + self.cfg.train.nll_coef * nll, "dpo_loss": dpo_sum / n, "nll": nll,
+                "reward_margin": margin_sum / n, "preference_accuracy": preferred / n}
 
-    def load_weights(self, weights) -> None:
-        load_numpy(self.model, weights)
+    # ---- weights, generation, checkpoints -------------------------------------------------------
+
+    def _full_state(self, model) -> dict[str, torch.Tensor]:
+        """The whole state dict on rank 0 (on the CPU), empty elsewhere: a collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_weights(self, dtype: str = "float32") -> dict | None:
+        """The policy for the rollout engines (rank 0; None elsewhere), as numpy in `dtype`."""
+        state = self._full_state(self.model)
+        return to_wire(state, dtype) if self.rank == 0 else None
+
+    def greedy(self, prefixes: list[list[int]], n: int, batch_size: int = 32) -> list[list[int]]:
+        """Greedy continuations of exactly `n` tokens, the prefixes split over the ranks."""
+        per_rank = math.ceil(len(prefixes) / self.world_size)
+        mine = prefixes[self.rank * per_rank : (self.rank + 1) * per_rank]
+        padded = mine + [prefixes[0]] * (per_rank - len(mine))  # every rank makes the same forward calls
+        self.model.eval()
+        try:
+            out = greedy_batched(self.model, padded, n, self.pad_id, batch_size)[: len(mine)]
+        finally:
+            self.model.train()
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, out)
+        return [row for part in parts for row in part]
+
+    def save(self, partial: str, final: str, extra: dict) -> str:
+        """Write a checkpoint into `partial` and, once whole, move it to `final` (rank 0)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        folder = Path(partial)
+        policy = self._full_state(self.model)
+        reference = self._full_state(self.reference) if self.reference is not None and self._reference_saved is None else None
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        save_sharded({"model": model_state, "optimizer": optimizer_state}, folder)
+        rng: list = [None] * self.world_size
+        dist.all_gather_object(rng, base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+        if self.rank == 0:
+            self.model.save_pretrained(folder, state_dict=policy)
+            self.tokenizer.save_pretrained(folder)
+            if self.reference is not None:
+                if self._reference_saved is not None:
+                    link_or_copy_tree(self._reference_saved, folder / REFERENCE_DIR)
+                else:
+                    self.reference.save_pretrained(folder / REFERENCE_DIR, state_dict=reference)
+            write_state(folder, {"version": self.version, "scheduler": self.scheduler.state_dict(), "rng": rng,
+                                 "fingerprint": fingerprint(self.cfg), "extra": extra})
+            complete(folder, Path(final))
+        if self.reference is not None:
+            self._reference_saved = Path(final) / REFERENCE_DIR
+        dist.barrier()
+        return final
+
+    # ---- NCCL weight sync (GPU) -----------------------------------------------------------------
 
     def connect_generators(self, workers: list) -> None:
-        """rollout.weight_sync=nccl: open the NCCL group with every generator's engine (GPU only)."""
+        """rollout.weight_sync=nccl: open the NCCL group with every generator's engine (rank 0)."""
         from sip.actors.vllm_adapter import NcclWeightSender
 
         self._nccl = NcclWeightSender(self.model, workers, self.cfg.pipeline.timeout_s)
@@ -117,30 +267,12 @@ class Learner:
         self._nccl.send(self.version)
         return self.version
 
-    def greedy(self, prefixes: list[list[int]], n: int, batch_size: int = 32) -> list[list[int]]:
-        self.model.eval()
-        try:
-            return greedy_batched(self.model, prefixes, n, self.pad_id, batch_size)
-        finally:
-            self.model.train()
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    def save(self, path: str, extra: dict) -> str:
-        """An HF folder (`from_pretrained` loads it) plus optimizer, schedule, version and `extra`."""
-        out = Path(path)
-        self.model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        if self.reference is not None:
-            self.reference.save_pretrained(out / REFERENCE_DIR)
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "version": self.version,
-                "extra": extra,
-            },
-            out / STATE_FILE,
-        )
-        return str(out)
 
-    def resumed_state(self) -> tuple[int, dict]:
-        return self.version, self.extra_state
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (the gradient norm of a sharded model is one), or the tensor itself."""
+    full = getattr(value, "full_tensor", None)
+    return full() if callable(full) else value

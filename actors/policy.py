@@ -32,18 +32,28 @@ def build_policy(cfg: PolicyConfig, tokenizer, seed: int, max_positions: int):
     return LlamaForCausalLM(config)
 
 
-def to_numpy(model) -> dict[str, np.ndarray]:
-    """numpy travels through the object store without a copy; torch tensors would be pickled."""
-    return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+def to_wire(state_dict: dict[str, torch.Tensor], dtype: str = "float32") -> dict:
+    """A state dict as numpy arrays in `dtype`: numpy travels through the object store without a copy,
+    torch tensors would be pickled. bfloat16, which numpy lacks, travels as its 16-bit patterns."""
+    tensors = {}
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu", getattr(torch, dtype)).contiguous()
+        tensors[name] = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
+    return {"dtype": dtype, "tensors": tensors}
 
 
-def to_tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """np.array copies: the object store hands out read-only views."""
-    return {name: torch.from_numpy(np.array(w)) for name, w in weights.items()}
+def from_wire(weights: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a `to_wire` payload. np.array copies: the object store hands out read-only views."""
+    bf16 = weights["dtype"] == "bfloat16"
+    out = {}
+    for name, array in weights["tensors"].items():
+        t = torch.from_numpy(np.array(array))
+        out[name] = t.view(torch.bfloat16) if bf16 else t
+    return out
 
 
-def load_numpy(model, weights: dict[str, np.ndarray]) -> None:
-    model.load_state_dict(to_tensors(weights))
+def load_wire(model, weights: dict) -> None:
+    model.load_state_dict(from_wire(weights))
 
 
 @torch.no_grad()

@@ -54,8 +54,12 @@ def policy_engine(folder: str, *, dtype: str, max_model_len: int, seed: int, enf
 
 
 def sample(llm, prefixes: list[list[int]], k: int, n: int, *, temperature: float, top_p: float,
-           greedy: bool = False) -> list[list[Rollout]]:
-    """K samples of exactly `n` new tokens per prefix, each token with its raw log-probability."""
+           greedy: bool = False, seed: int | None = None) -> list[list[Rollout]]:
+    """K samples of exactly `n` new tokens per prefix, each token with its raw log-probability.
+
+    With `seed`, prefix i samples from its own seeded stream (seed + i): the same batch gives the
+    same rollouts on any engine.
+    """
     from vllm import SamplingParams
 
     # logprobs=0: the sampled token's own log-probability, from the logits before temperature and top-p
@@ -64,12 +68,18 @@ def sample(llm, prefixes: list[list[int]], k: int, n: int, *, temperature: float
         params = SamplingParams(n=1, temperature=0.0, **exact)
         prompts = [{"prompt_token_ids": p} for p in prefixes for _ in range(k)]
     else:
-        params = SamplingParams(n=k, temperature=temperature, top_p=top_p, **exact)
+        params = [SamplingParams(n=k, temperature=temperature, top_p=top_p, seed=None if seed is None else seed + i, **exact)
+                  for i in range(len(prefixes))]
         prompts = [{"prompt_token_ids": p} for p in prefixes]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     samples = [Rollout(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
                for out in outputs for c in out.outputs]
     return [samples[i * k:(i + 1) * k] for i in range(len(prefixes))]
+
+
+def shutdown(llm) -> None:
+    """Stop the engine core now, releasing its process groups (vLLM otherwise does it at exit)."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def reload_weights(llm, weights: dict[str, Any]) -> None:
@@ -78,9 +88,9 @@ def reload_weights(llm, weights: dict[str, Any]) -> None:
     Works wherever the engine runs (CPU or GPU): vLLM's model loader maps the HF names onto its
     fused layers. The prefix cache is dropped, since its KV entries were computed by the old weights.
     """
-    from sip.actors.policy import to_tensors
+    from sip.actors.policy import from_wire
 
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(to_tensors(weights).items())})
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(from_wire(weights).items())})
     llm.reset_prefix_cache()
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sip.actors.generator import HFGenerator
-from sip.actors.policy import to_numpy
+from sip.actors.policy import to_wire
 from sip.train.config import load_config
 from sip.train.data import Sampler, train_tokenizer
 
@@ -57,7 +57,7 @@ def main() -> None:
     for name, cls in backends.items():
         generator = cls(cfg, tokenizer)
         if weights is None:
-            weights = to_numpy(generator.model)
+            weights = to_wire(generator.model.state_dict())
         start = time.perf_counter()
         generator.load_weights(0, weights)
         load_s = time.perf_counter() - start

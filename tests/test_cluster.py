@@ -197,6 +197,7 @@ def test_attached_judge_rescales_while_a_job_runs(cluster, tmp_path):
     assert info["status"] == "SUCCEEDED", cluster.logs(job_id)[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps
-    assert summary["samples"]["in_flight"] == 0 and summary["samples"]["judged"] == steps * BATCH
+    assert summary["samples"]["in_flight"] == 0 and summary["samples"]["lost"] == 0
+    assert summary["samples"]["fed"] == steps * BATCH
     assert cluster.judge_replicas() == scaled, "the job must leave the long-lived judge running"
 

@@ -49,8 +49,10 @@ def test_async_dpo_run_writes_every_output(tmp_path):
         assert r["judge_calls"] > 0
     assert any(r["staleness_max"] == 1 for r in metrics), "async mode should overlap generation with training"
     counts = summary["samples"]
-    assert counts["judged"] == 5 * 4 and counts["in_flight"] == 0
-    assert counts["trained"] + counts["skipped"].get("tie", 0) + counts["skipped"].get("no_candidate", 0) == counts["judged"]
+    assert counts["fed"] == 5 * 4 and counts["in_flight"] == 0 and counts["lost"] == 0 and counts["refed"] == 0
+    assert counts["trained"] + sum(counts["skipped"].values()) == counts["fed"]
+    assert set(counts["skipped"]) <= {"tie", "no_candidate", "judge_failed"}
+    assert summary["restarts"] == {"learner": 0, "rollout": 0}
     model = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
     assert model.config.num_hidden_layers == 1
     ev = summary["eval"]
@@ -75,7 +77,7 @@ def test_nll_baseline_and_resume_continue_the_stream(tmp_path):
     second = run_training(load_config(None, base + ["train.steps=4", f"run.resume_from={first['checkpoint']}"]))
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
     assert second["samples"]["documents_read"] > first["samples"]["documents_read"]
-    assert second["samples"]["judged"] == 16
+    assert second["samples"]["fed"] == second["samples"]["trained"] == 16
 
 
 def test_base_stage_is_built_once_and_shared(tmp_path):
@@ -109,5 +111,5 @@ def test_plain_text_source_skips_and_counts_bad_documents(tmp_path):
         "data.vocab_size=400", "train.steps=2", f"run.output_dir={out}"]))
     skipped = summary["samples"]["documents_skipped"]
     assert skipped.get("empty", 0) >= 1 and skipped.get("not_text", 0) >= 1
-    assert summary["samples"]["judged"] == 8
+    assert summary["samples"]["fed"] == 8
     assert summary["eval"]["prompts"] >= 1

@@ -1,10 +1,15 @@
-"""The learner on a tiny real Llama: losses fall, checkpoints load with from_pretrained, resume is exact."""
+"""The learner on a tiny real Llama: FSDP2 ranks, micro-batches, checkpoints, and 1 rank against 2."""
+
+import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sip.actors.learner import Learner, warmup_cosine
+from sip.actors.learner import LearnerRank, warmup_cosine
+from sip.actors.policy import from_wire
+from sip.train.checkpoint import CheckpointError, step_dir
 from sip.train.config import load_config
 from sip.train.data import train_tokenizer
 from sip.train.records import TrainExample
@@ -20,15 +25,44 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def make_cfg(objective, **extra):
-    overrides = [f"train.objective={objective}", "policy.hidden_size=32", "policy.num_layers=1", "policy.num_heads=2",
+def make_cfg(objective, *extra):
+    overrides = [f"train.objective={objective}", "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2",
                  "policy.intermediate_size=64", "train.lr=0.01", "train.warmup_steps=0", "train.steps=30"]
     if objective == "nll":
         overrides.append("train.candidates=[suffix]")
-    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+    return load_config(None, overrides + list(extra))
 
 
-EXAMPLES = [TrainExample(f"s{i}", [5, 6, 7 + i], [20, 21, 22], "suffix", [30, 31, 32], "rollout") for i in range(4)]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def one_rank(cfg, tokenizer_dir, resume_from=None):
+    """A learner of one rank in this process (its own gloo process group)."""
+    learner = LearnerRank(cfg, str(tokenizer_dir))
+    try:
+        learner.setup(f"tcp://127.0.0.1:{free_port()}", str(resume_from) if resume_from else None)
+        yield learner
+    finally:
+        learner.close()
+
+
+def step(learner, examples, micro_batch_size=0):
+    size = micro_batch_size or len(examples) or 1
+    totals = {"examples": len(examples), "chosen_tokens": sum(len(e.chosen_ids) for e in examples),
+              "micro_batches": -(-len(examples) // size), "micro_batch_size": size, "filler": examples[0] if examples else None}
+    return learner.train_step(examples, totals)
+
+
+def weights(learner):
+    return from_wire(learner.full_weights())
+
+
+EXAMPLES = [TrainExample(f"s{i}", [5, 6, 7 + i, 9][: 2 + i % 3], [20, 21, 22 + i][: 2 + i % 2], "suffix", [30, 31, 32], "rollout")
+            for i in range(5)]
 
 
 def test_schedule_warms_up_then_decays_to_floor():
@@ -39,42 +73,92 @@ def test_schedule_warms_up_then_decays_to_floor():
 
 @pytest.mark.parametrize("objective", ["nll", "rf_nll", "dpo"])
 def test_steps_reduce_the_loss_and_bump_the_version(objective, tokenizer_dir):
-    learner = Learner(make_cfg(objective), str(tokenizer_dir))
-    first = learner.train_step(EXAMPLES)
-    for _ in range(15):
-        last = learner.train_step(EXAMPLES)
-    assert last["policy_version"] == 16
-    assert last["loss"] < first["loss"]
-    if objective == "dpo":
-        assert last["reward_margin"] > first["reward_margin"]
-        assert last["preference_accuracy"] == 1.0
+    with one_rank(make_cfg(objective), tokenizer_dir) as learner:
+        first = step(learner, EXAMPLES)
+        for _ in range(15):
+            last = step(learner, EXAMPLES)
+        assert last["policy_version"] == 16
+        assert last["loss"] < first["loss"]
+        if objective == "dpo":
+            assert last["reward_margin"] > first["reward_margin"]
+            assert last["preference_accuracy"] == 1.0
+        assert step(learner, [])["policy_version"] == 17  # an empty batch (all ties) still advances the version
+
+
+@pytest.mark.parametrize("objective", ["rf_nll", "dpo"])
+def test_micro_batches_take_the_same_step_as_the_whole_batch(objective, tokenizer_dir):
+    cfg = make_cfg(objective)
+    with one_rank(cfg, tokenizer_dir) as whole:
+        losses = [step(whole, EXAMPLES)["loss"] for _ in range(3)]
+        expected = weights(whole)
+    with one_rank(cfg, tokenizer_dir) as micro:
+        micro_losses = [step(micro, EXAMPLES, micro_batch_size=2)["loss"] for _ in range(3)]
+        got = weights(micro)
+    assert micro_losses == pytest.approx(losses, rel=1e-5)
+    assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected)
 
 
 def test_reference_stays_frozen(tokenizer_dir):
-    learner = Learner(make_cfg("dpo"), str(tokenizer_dir))
-    before = {k: v.clone() for k, v in learner.reference.state_dict().items()}
-    learner.train_step(EXAMPLES)
-    assert all(torch.equal(before[k], v) for k, v in learner.reference.state_dict().items())
+    with one_rank(make_cfg("dpo"), tokenizer_dir) as learner:
+        before = from_wire({"dtype": "float32", "tensors": {k: v.numpy() for k, v in learner._full_state(learner.reference).items()}})
+        step(learner, EXAMPLES)
+        after = learner._full_state(learner.reference)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tokenizer_dir):
+    with one_rank(make_cfg("dpo", "train.dtype=bfloat16"), tokenizer_dir) as learner:
+        first = step(learner, EXAMPLES)
+        for _ in range(5):
+            last = step(learner, EXAMPLES)
+        assert last["loss"] < first["loss"]
+        assert all(t.dtype == torch.float32 for t in weights(learner).values())
+        assert all(a.dtype == __import__("numpy").int16 for a in learner.full_weights("bfloat16")["tensors"].values())
 
 
 def test_checkpoint_is_an_hf_folder_and_resume_is_exact(tokenizer_dir, tmp_path):
     cfg = make_cfg("dpo")
-    learner = Learner(cfg, str(tokenizer_dir))
-    for _ in range(3):
-        learner.train_step(EXAMPLES)
-    path = learner.save(str(tmp_path / "ckpt"), {"sampler": {"next_document": 12}})
-    loaded = AutoModelForCausalLM.from_pretrained(path)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), learner.model.state_dict().values()))
+    final = step_dir(tmp_path, 3)
+    with one_rank(cfg, tokenizer_dir) as learner:
+        for _ in range(3):
+            step(learner, EXAMPLES)
+        assert learner.save(str(tmp_path / "partial"), str(final), {"sampler": {"next_document": 12}}) == str(final)
+        loaded = AutoModelForCausalLM.from_pretrained(final)
+        trained = weights(learner)
+        assert all(torch.equal(loaded.state_dict()[k], trained[k]) for k in trained)
+        a = step(learner, EXAMPLES)
+        after_a = weights(learner)
+    with one_rank(cfg, tokenizer_dir, resume_from=final) as resumed:
+        assert (resumed.version, resumed.extra) == (3, {"sampler": {"next_document": 12}})
+        b = step(resumed, EXAMPLES)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == b["lr"]
+        after_b = weights(resumed)
+    assert all(torch.allclose(after_a[k], after_b[k], atol=1e-7) for k in after_a)
 
-    resumed = Learner(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume_from": tmp_path / "ckpt"})}), str(tokenizer_dir))
-    assert resumed.resumed_state() == (3, {"sampler": {"next_document": 12}})
-    a, b = learner.train_step(EXAMPLES), resumed.train_step(EXAMPLES)
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(learner.model.state_dict().values(), resumed.model.state_dict().values()))
+
+def test_a_crafted_pickle_in_the_sharded_state_is_refused_unrun(tokenizer_dir, tmp_path):
+    import pickle
+
+    cfg = make_cfg("nll")
+    final = step_dir(tmp_path, 1)
+    with one_rank(cfg, tokenizer_dir) as learner:
+        step(learner, EXAMPLES)
+        learner.save(str(tmp_path / "partial"), str(final), {})
+    witness = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (__import__("os").system, (f"touch {witness}",))
+
+    (final / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        with one_rank(cfg, tokenizer_dir, resume_from=final):
+            pass
+    assert not witness.exists()
 
 
 def test_greedy_returns_exactly_n_tokens(tokenizer_dir):
-    learner = Learner(make_cfg("nll"), str(tokenizer_dir))
-    out = learner.greedy([[5, 6, 7], [8]], 6)
-    assert [len(o) for o in out] == [6, 6]
-    assert out == learner.greedy([[5, 6, 7], [8]], 6)
+    with one_rank(make_cfg("nll"), tokenizer_dir) as learner:
+        out = learner.greedy([[5, 6, 7], [8]], 6)
+        assert [len(o) for o in out] == [6, 6]
+        assert out == learner.greedy([[5, 6, 7], [8]], 6)

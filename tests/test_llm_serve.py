@@ -88,4 +88,4 @@ def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["judge_calls"] > 0 and 0 <= r["judge_parse_failures"] <= r["judge_calls"]
-    assert summary["samples"]["judged"] == 4
+    assert summary["samples"]["fed"] == 4 and summary["samples"]["lost"] == 0

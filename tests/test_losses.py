@@ -3,24 +3,20 @@ import math
 import pytest
 import torch
 
-from sip.train.losses import dpo_loss, nll_loss, pack, target_logprobs
+from sip.train.losses import dpo_terms, nll_loss, pack, target_logprobs
 
 
 def test_dpo_loss_matches_hand_computation():
     # margin = 0.1 * ((-10 - -12) - (-20 - -15)) = 0.1 * (2 + 5) = 0.7
-    loss, margin, acc = dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-15.0]), 0.1)
+    loss, margin = dpo_terms(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-15.0]), 0.1)
     assert margin.item() == pytest.approx(0.7)
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.7))))
-    assert acc.item() == 1.0
 
 
-def test_dpo_loss_averages_and_counts_wrong_preferences():
-    loss, margin, acc = dpo_loss(torch.tensor([-1.0, -5.0]), torch.tensor([-2.0, -1.0]), torch.zeros(2), torch.zeros(2), 1.0)
-    # margins 1 and -4
-    assert margin.item() == pytest.approx(-1.5)
-    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(4.0))) / 2
-    assert loss.item() == pytest.approx(expected)
-    assert acc.item() == 0.5
+def test_dpo_terms_are_per_example():
+    loss, margin = dpo_terms(torch.tensor([-1.0, -5.0]), torch.tensor([-2.0, -1.0]), torch.zeros(2), torch.zeros(2), 1.0)
+    assert margin.tolist() == pytest.approx([1.0, -4.0])
+    assert loss.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log1p(math.exp(4.0))])
 
 
 def test_nll_is_mean_per_token():

@@ -8,11 +8,12 @@ import torch
 from transformers import AutoTokenizer
 
 from sip.actors.generator import HFGenerator
-from sip.actors.learner import Learner
+from sip.actors.learner_group import LearnerGroup
 from sip.train.config import load_config
 from sip.train.data import train_tokenizer
 from sip.train.pipeline import run_training
 from sip.train.records import TrainExample
+from test_learner import one_rank, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,23 +62,24 @@ def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir, vl
     from sip.actors.generator import VLLMGenerator
 
     cfg = load_config(None, SMALL)
-    learner = Learner(cfg, str(tokenizer_dir))
-    engine = VLLMGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
-    untrained = [g[0].ids for g in engine.generate(PREFIXES, 1, 8, greedy=True)]
-    assert untrained == learner.greedy(PREFIXES, 8)  # both start from the same initial policy
-    for round_ in range(2):  # the second round reuses the prefixes: a stale prefix cache would show here
-        for _ in range(4):
-            learner.train_step(EXAMPLES)
-        engine.load_weights(learner.version, learner.weights())
-        assert engine.version == learner.version == 4 * (round_ + 1)
-        synced = engine.generate(PREFIXES, 1, 8, greedy=True)
-        assert [g[0].ids for g in synced] == learner.greedy(PREFIXES, 8)
-        for prefix, (r,) in zip(PREFIXES, synced):
-            assert torch.allclose(torch.tensor(r.logprobs), forward_logprobs(learner.model, prefix, r.ids), atol=1e-3)
+    with one_rank(cfg, tokenizer_dir) as learner:
+        engine = VLLMGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+        untrained = [g[0].ids for g in engine.generate(PREFIXES, 1, 8, greedy=True)]
+        assert untrained == learner.greedy(PREFIXES, 8)  # both start from the same initial policy
+        for round_ in range(2):  # the second round reuses the prefixes: a stale prefix cache would show here
+            for _ in range(4):
+                step(learner, EXAMPLES)
+            engine.load_weights(learner.version, learner.full_weights())
+            assert engine.version == learner.version == 4 * (round_ + 1)
+            synced = engine.generate(PREFIXES, 1, 8, greedy=True)
+            assert [g[0].ids for g in synced] == learner.greedy(PREFIXES, 8)
+            for prefix, (r,) in zip(PREFIXES, synced):
+                assert torch.allclose(torch.tensor(r.logprobs), forward_logprobs(learner.model, prefix, r.ids), atol=1e-3)
+        sampled = engine.generate(PREFIXES, 4, 8)
+        engine.close()  # the in-process engine's process groups go before the learner's default group
     assert [g[0].ids for g in synced] != untrained
     assert sum(g[0].ids[:3] == [20, 21, 22] for g in synced) >= 2  # it learned what it was taught
 
-    sampled = engine.generate(PREFIXES, 4, 8)
     assert all(len(group) == 4 and all(len(r.ids) == len(r.logprobs) == 8 for r in group) for group in sampled)
 
 
@@ -96,7 +98,7 @@ def test_sip_train_with_vllm_rollouts(tmp_path, vllm_installed):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["staleness_max"] <= 1 and r["rollout_logprob"] < 0 for r in rows)
-    assert summary["samples"]["judged"] == 4 * 4
+    assert summary["samples"]["fed"] == 4 * 4 and summary["samples"]["lost"] == 0
 
 
 def test_the_pinned_vllm_offers_what_the_nccl_sync_calls(vllm_installed):
@@ -139,12 +141,12 @@ def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_di
                                      "train.num_gpus=1"])
     ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        learner = ray.remote(Learner).options(num_gpus=1).remote(cfg, str(tokenizer_dir))
         engine = ray.remote(Engine).options(num_gpus=1).remote(cfg)
-        ray.get(learner.connect_generators.remote([engine]), timeout=300)
+        learner = LearnerGroup(cfg, str(tokenizer_dir))
+        learner.connect_generators([engine])
         for _ in range(4):
-            ray.get(learner.train_step.remote(EXAMPLES), timeout=300)
-        assert ray.get(learner.broadcast_weights.remote(), timeout=300) == 4
-        assert ray.get(engine.greedy.remote(PREFIXES, 8), timeout=300) == (ray.get(learner.greedy.remote(PREFIXES, 8)), 4)
+            learner.train_step(EXAMPLES)
+        assert learner.publish_weights().version == 4
+        assert ray.get(engine.greedy.remote(PREFIXES, 8), timeout=300) == (learner.greedy(PREFIXES, 8), 4)
     finally:
         ray.shutdown()

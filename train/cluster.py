@@ -1,17 +1,25 @@
-"""`sip serve`: deploy the long-lived judge and rewriter through Serve's REST API on a running cluster.
+"""The cluster a run lives on: joining or starting it, checking it can hold the run, and the judge
+and rewriter apps.
 
-This is what `serve deploy` does, from the run's own config: the request goes to the cluster's
-dashboard, the apps are declared (see `sip.serve.apps`), and the command returns once every
-replica asked for is running. Other apps deployed from a config stay as they are.
+- `cluster_session` is what `sip train` runs inside: it joins `RAY_ADDRESS` / `run.ray_address`
+  or starts a local cluster, fails at once if the run's actors cannot all be placed, deploys the
+  run's own judge and rewriter apps (their names carry a run id, so runs on one cluster never
+  share or delete each other's) or attaches to the long-lived ones `sip serve` runs, and on the
+  way out deletes only the apps it deployed.
+- `deploy_apps` is `sip serve`: what `serve deploy` does, from the run's own config, through
+  Serve's REST API on the cluster's dashboard; it returns once every replica asked for runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
 import urllib.request
+import uuid
+from contextlib import contextmanager
 
 from sip.train.config import SipConfig
 
@@ -20,7 +28,107 @@ SERVE_API = "/api/serve/applications/"
 
 
 class ClusterError(RuntimeError):
-    """The cluster refused or did not finish a request; the message says which and why."""
+    """The cluster refused, cannot hold, or did not finish a request; the message says which and why."""
+
+
+def init_ray(cfg: SipConfig) -> bool:
+    """Join RAY_ADDRESS / run.ray_address, or start a local cluster. Returns True if we started it.
+
+    Only a cluster sip starts itself runs without token auth (when the user has not chosen): a
+    cluster it joins keeps whatever RAY_AUTH_MODE its user set.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def check_resources(cfg: SipConfig) -> None:
+    """Fail before deploying anything if the actors cannot all be placed (Serve and Ray would wait forever)."""
+    import ray
+
+    from sip.serve.apps import replica_range
+
+    r, t = cfg.rollout, cfg.train
+    need = {"CPU": t.num_learners * t.num_cpus + r.num_generators * r.num_cpus,
+            "GPU": t.num_learners * t.num_gpus + r.num_generators * r.num_gpus}
+    for section in ("judge", "rewriter"):
+        dcfg = getattr(cfg, section)
+        if dcfg.attach or (section == "rewriter" and not cfg.needs_rewriter):
+            continue
+        need["CPU"] += replica_range(dcfg)[0] * dcfg.num_cpus
+        need["GPU"] += replica_range(dcfg)[0] * dcfg.num_gpus
+    have = ray.cluster_resources()
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0):
+            raise ClusterError(
+                f"the run needs {amount:g} {kind}s (train.num_learners x train.num_{kind.lower()}s, rollout.num_generators x "
+                f"rollout.num_{kind.lower()}s, judge/rewriter replicas x num_{kind.lower()}s) but the cluster has "
+                f"{have.get(kind, 0):g}: lower those" + (" or raise run.num_cpus" if kind == "CPU" else "")
+            )
+
+
+def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str, str]:
+    """The run's judge (always: evaluation uses it) and, when rewrites are candidates, its rewriter.
+
+    A section that sets `attach` uses the long-lived app of the plain name (`sip serve`), after
+    checking it runs with the same settings. Returns the app name per role; each app it deploys is
+    added to `started` first, so one that fails half-way is deleted too.
+    """
+    from ray import serve
+
+    from sip.serve.apps import SECTIONS, app_names, attach_problems
+    from sip.serve.judge import judge_app
+    from sip.serve.rewriter import rewriter_app
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    builders = {"judge": lambda: judge_app(cfg.judge, cfg.data), "rewriter": lambda: rewriter_app(cfg.rewriter, cfg.data)}
+    names = {}
+    for name in app_names(cfg):
+        role = SECTIONS[name]
+        if getattr(cfg, role).attach:
+            problems = attach_problems(name, cfg, cfg.pipeline.timeout_s)
+            if problems:
+                raise ClusterError("\n  ".join(problems))
+            names[role] = name
+            continue
+        if not started:
+            serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+        names[role] = f"{name}-{run_id}"
+        started.append(names[role])
+        serve.run(builders[role](), name=names[role], route_prefix=None, logging_config={"enable_access_log": False})
+    return names
+
+
+@contextmanager
+def cluster_session(cfg: SipConfig):
+    """Ray up, resources checked, the run's judge and rewriter deployed; yields their app names."""
+    import ray
+
+    started_cluster = init_ray(cfg)
+    started: list[str] = []
+    try:
+        check_resources(cfg)
+        yield deploy_teachers(cfg, uuid.uuid4().hex[:8], started)
+    finally:
+        if started:
+            from ray import serve
+
+            for name in started:
+                try:
+                    serve.delete(name)
+                except Exception as err:  # noqa: BLE001 — cleanup must not hide the run's own error
+                    logging.getLogger(__name__).warning("could not delete Serve app %s: %s", name, err)
+        if started_cluster:
+            ray.shutdown()
 
 
 def dashboard_address(explicit: str | None = None) -> str:

@@ -5,11 +5,12 @@ Imports neither torch nor ray, so the CLI can reject a bad config in a fraction 
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -53,7 +54,24 @@ class HFDataConfig(Section):
     split: str = "train"
     text_field: str = "text"
     streaming: bool = True
+    revision: str | None = Field(None, description="hub datasets: the commit or tag to read; pin it so a cached base stays valid")
+    encoding: str | None = Field(
+        None,
+        description="json/text/csv files: their text encoding. Unset: UTF-8, and a file that does not look like "
+        "UTF-8 stops the run, naming it. Set latin-1 (or another codec) to read such files, or utf-8 to "
+        "accept a UTF-8 file whose few corrupt documents are skipped as undecodable",
+    )
     eval_docs: int = Field(64, ge=1, description="first documents held out for evaluation, never trained on")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str | None) -> str | None:
+        if encoding is not None:
+            try:
+                codecs.lookup(encoding)
+            except LookupError:
+                raise ValueError(f"unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return encoding
 
 
 class DataConfig(Section):
@@ -63,6 +81,17 @@ class DataConfig(Section):
     suffix_tokens: int = Field(24, ge=1, description="N: tokens in the suffix and in every rollout")
     min_prefix_tokens: int = Field(8, ge=1)
     max_seq_tokens: int = Field(112, ge=2, description="cap on prefix + suffix tokens")
+    cut: Literal["random", "chunks"] = Field(
+        "random",
+        description="random: one sample per document, split at a uniform point; chunks: every N-token chunk "
+        "after the first min_prefix_tokens is a suffix, the tokens before it the prefix",
+    )
+    max_samples_per_document: int | None = Field(
+        None, ge=1, description="cut=chunks: take only the first this many chunks of each document; unset: all"
+    )
+    max_document_chars: int = Field(
+        100_000, ge=1, description="characters of a document that are tokenized and cut; the rest is not read"
+    )
     tokenizer_docs: int = Field(4000, ge=10, description="documents used to train a new tokenizer")
     vocab_size: int = Field(2048, ge=300)
     seed: int = 0
@@ -73,6 +102,8 @@ class DataConfig(Section):
             raise ValueError("data.source=hf needs a data.hf section (path, data_files, ...)")
         if self.min_prefix_tokens + self.suffix_tokens > self.max_seq_tokens:
             raise ValueError("min_prefix_tokens + suffix_tokens must fit in max_seq_tokens")
+        if self.max_samples_per_document is not None and self.cut != "chunks":
+            raise ValueError("max_samples_per_document applies to cut=chunks (cut=random takes one per document)")
         return self
 
 
@@ -214,6 +245,11 @@ class JudgeConfig(DeploymentConfig):
     pairwise: Literal["round_robin", "pivot"] = "round_robin"
     pivot: Literal["suffix", "rewrite"] = "suffix"
     both_orders: bool = Field(False, description="judge every pair in both orders to cancel position bias (2x calls)")
+    max_failure_rate: float = Field(
+        0.5, ge=0, le=1,
+        description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",
+    )
+    failure_window: int = Field(10, ge=1, description="steps over which judge.max_failure_rate is measured")
 
     @model_validator(mode="after")
     def _some_objective(self) -> JudgeConfig:
@@ -237,8 +273,16 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     beta: float = Field(0.1, gt=0, description="DPO beta")
     nll_coef: float = Field(1.0, ge=0, description="NLL on the chosen candidate added to the DPO loss")
-    num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner: above 0 it trains on CUDA")
+    num_learners: int = Field(1, ge=1, description="learner ranks: the policy is sharded over them with FSDP2")
+    micro_batch_size: int = Field(
+        0, ge=0, description="examples per forward/backward on each rank, gradients accumulated; 0 = a rank's whole share at once"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype (FSDP2 mixed precision; master weights stay float32): auto = bfloat16 on GPU, float32 on CPU"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the backward pass")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank: above 0 the learner trains on CUDA (NCCL between ranks)")
 
     @model_validator(mode="after")
     def _candidates_fit(self) -> TrainConfig:
@@ -254,13 +298,25 @@ class PipelineConfig(Section):
     max_staleness: int = Field(1, ge=0, description="policy versions a rollout may lag the learner")
     queue_size: int = Field(2, ge=1, description="batches each queue holds before producers wait")
     timeout_s: float = Field(300.0, gt=0, description="limit on every wait across actors")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="limit on one judge or rewriter request; a request that passes it is retried"
+    )
+    request_retries: int = Field(3, ge=0, description="new tries of a judge or rewriter request that failed or timed out")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first wait before a retried request; doubles each time")
 
 
 class RunConfig(Section):
     output_dir: Path = Path("runs/latest")
     seed: int = 0
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    resume_from: Path | None = Field(None, description="a checkpoint folder to continue from")
+    checkpoint_every: int = Field(25, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(3, ge=1, description="newest periodic checkpoints kept; older ones are deleted")
+    resume_from: Path | None = Field(
+        None, description="a checkpoint folder to continue from, or 'latest': the newest complete one in output_dir"
+    )
+    overwrite: bool = Field(False, description="replace a previous run in output_dir (default: refuse to mix two runs)")
+    max_failures: int = Field(
+        3, ge=0, description="times each role (learner group, a rollout worker) may die and be restarted before the run stops"
+    )
     eval_at_end: bool = True
     ray_address: str | None = Field(None, description="cluster to join; default: RAY_ADDRESS or a new local one")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of a new local cluster")
@@ -293,6 +349,9 @@ class SipConfig(Section):
         ):
             raise ValueError("rollout.weight_sync=nccl broadcasts from a GPU learner to GPU vLLM engines: "
                              "set rollout.backend=vllm, rollout.num_gpus=1 and train.num_gpus=1")
+        if self.rollout.weight_sync == "nccl" and self.train.num_learners > 1:
+            raise ValueError("rollout.weight_sync=nccl sends from one learner rank: set train.num_learners=1 "
+                             "or rollout.weight_sync=object_store")
         return self
 
     @property

@@ -128,17 +128,13 @@ class DeploymentJudge:
         return await self._call("coherence", queries)
 
 
-def evaluate(cfg: SipConfig, learner, tokenizer, out: Path | None = None) -> dict:
-    """Greedy continuations from the learner's policy, scored by the run's judge deployment."""
-    import ray
+def evaluate(cfg: SipConfig, learner, tokenizer, judge_app: str, out: Path | None = None) -> dict:
+    """Greedy continuations from the learner group's policy, scored by the run's judge app `judge_app`."""
     from ray import serve
 
-    from sip.serve.judge import JUDGE_APP
-
     prompts = eval_prompts(cfg, tokenizer)
-    ids = ray.get(learner.greedy.remote(prompt_ids(cfg, tokenizer, prompts), cfg.data.suffix_tokens),
-                  timeout=cfg.pipeline.timeout_s)
-    judge = DeploymentJudge(serve.get_app_handle(JUDGE_APP), cfg.pipeline.timeout_s)
+    ids = learner.greedy(prompt_ids(cfg, tokenizer, prompts), cfg.data.suffix_tokens)
+    judge = DeploymentJudge(serve.get_app_handle(judge_app), cfg.pipeline.timeout_s)
     summary, rows = asyncio.run(score(judge, prompts, [tokenizer.decode(i) for i in ids]))
     if out is not None:
         write_rows(out / "eval_samples.jsonl", rows)

@@ -36,17 +36,17 @@ def nll_loss(logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
     return -logp_sum.sum() / n_tokens.sum().clamp(min=1)
 
 
-def dpo_loss(
+def dpo_terms(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO on summed sequence log-probs. Returns (loss, mean reward margin, preference accuracy).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO on summed sequence log-probs, per example: (loss, reward margin).
 
     margin = beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]; loss = -log sigmoid(margin).
+    Per example, so a batch split over ranks and micro-batches sums to the same mean.
     """
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    loss = -F.logsigmoid(margin).mean()
-    return loss, margin.detach().mean(), (margin.detach() > 0).float().mean()
+    return -F.logsigmoid(margin), margin.detach()

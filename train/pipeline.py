@@ -1,335 +1,448 @@
-"""The training loop: stream → generators (rollouts, rewrite, judge) → selection → learner.
+"""The training loop: stream → rollout workers (rewrite, rollouts, judge) → selection → learner group.
 
-The driver feeds numbered sample batches into a bounded queue, rollout workers put judged batches
-into a second one, and the driver trains on them strictly in feeding order. Batch i is fed only
-once the learner has reached version i - max_staleness, and carries the newest weights, so every
-rollout trained at step i was written by a policy at most `max_staleness` versions old. Sync mode
-is the same code with max_staleness = 0: each batch is generated, judged and trained alone.
+`run_training` reads top to bottom: check the inputs, join the cluster, start the roles, then one
+step at a time until the run is done or asked to stop. A step is a chain of short parts: feed what
+the staleness bound allows, collect the next judged batch in order, select, train, publish the new
+weights, log, checkpoint. The scheduling rules and the sample accounting live in the ledger
+(train/ledger.py); this module moves batches between the roles and decides what a fault costs:
+
+- a rollout worker that dies is replaced, and the batches it held are fed again;
+- a learner rank that dies takes the learner group with it: the group restarts from the newest
+  checkpoint, every batch after it is fed again, and metrics.jsonl is cut back to it;
+- after `run.max_failures` deaths of one role, or any fault the run cannot survive, it stops with
+  a checkpoint where the learner can still write one, and says how to resume;
+- SIGINT / SIGTERM (`ray job stop`) finish the step in hand, write a checkpoint and stop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
+import signal
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean
 
+from sip.actors.learner_group import LearnerDied, LearnerGroup
+from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
+from sip.train.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
 from sip.train.config import SipConfig, dump_config
+from sip.train.ledger import BatchLedger, Entry
 from sip.train.records import SOURCES, Batch, JudgedBatch, TrainExample
-from sip.train.selection import select
+from sip.train.selection import select, skip_reason
+
+log = logging.getLogger("sip.train")
+
+# what a run writes into its output folder, and nothing else (run.overwrite deletes exactly these)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "eval_samples.jsonl")
+RUN_DIRS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 
 
 class PipelineError(RuntimeError):
-    """A stage failed or stopped answering; the message names it."""
+    """A stage failed or stopped answering, or an input cannot be used; the message names it."""
 
 
-def prepare_ray_env() -> None:
-    """Local clusters here run without token auth or usage reporting (no outside network)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+class RunStopped(PipelineError):
+    """The run was asked to stop (SIGINT / SIGTERM) and left a checkpoint; the message says how to resume."""
 
-
-def init_ray(cfg: SipConfig) -> bool:
-    """Join RAY_ADDRESS / run.ray_address, or start a local cluster. Returns True if we started it."""
-    prepare_ray_env()
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
-
-
-def check_resources(cfg: SipConfig) -> None:
-    """Fail before deploying anything if the actors cannot all be placed (Serve would wait forever)."""
-    import ray
-
-    from sip.serve.apps import replica_range
-
-    need = cfg.train.num_cpus + cfg.rollout.num_generators * cfg.rollout.num_cpus
-    if not cfg.judge.attach:
-        need += replica_range(cfg.judge)[0] * cfg.judge.num_cpus
-    if cfg.needs_rewriter and not cfg.rewriter.attach:
-        need += replica_range(cfg.rewriter)[0] * cfg.rewriter.num_cpus
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        raise PipelineError(
-            f"the run needs {need:g} CPUs (train.num_cpus, rollout.num_generators x rollout.num_cpus, "
-            f"judge/rewriter replicas x num_cpus) but the cluster has {have:g}: lower those or raise run.num_cpus"
-        )
-
-
-def deploy_teachers(cfg: SipConfig) -> list[str]:
-    """Start the judge (always: evaluation uses it) and, when rewrites are candidates, the rewriter.
-
-    An app whose section sets `attach` is not started: the run checks that the long-lived app of
-    that name (`sip serve`) runs with the same settings, and uses it. Returns the apps it started.
-    """
-    from ray import serve
-
-    from sip.serve.apps import SECTIONS, app_names, attach_problems
-    from sip.serve.judge import JUDGE_APP, judge_app
-    from sip.serve.rewriter import REWRITER_APP, rewriter_app
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    builders = {JUDGE_APP: lambda: judge_app(cfg.judge, cfg.data), REWRITER_APP: lambda: rewriter_app(cfg.rewriter, cfg.data)}
-    started = []
-    for name in app_names(cfg):
-        if getattr(cfg, SECTIONS[name]).attach:
-            problems = attach_problems(name, cfg, cfg.pipeline.timeout_s)
-            if problems:
-                raise PipelineError("\n  ".join(problems))
-            continue
-        if not started:
-            serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-        serve.run(builders[name](), name=name, route_prefix=None)
-        started.append(name)
-    return started
-
-
-class Tally:
-    """Where every judged sample went: trained, or skipped (and why). The sampler counts the rest."""
-
-    def __init__(self, state: dict | None = None):
-        state = state or {}
-        self.skipped = Counter(state.get("skipped", {}))
-        self.counts = Counter(state.get("counts", {}))
-
-    def state(self) -> dict:
-        return {"skipped": dict(self.skipped), "counts": dict(self.counts)}
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def run_training(cfg: SipConfig) -> dict:
-    import ray
-    from ray.util.queue import Empty, Queue
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers import AutoTokenizer
+    return TrainingRun(cfg).run()
 
-    from sip.actors.generator import RolloutWorker
-    from sip.actors.learner import Learner
-    from sip.train.base import ensure_base
-    from sip.train.data import Sampler, load_or_train_tokenizer
-    from sip.train.evaluate import evaluate
-    from sip.train.metrics import RunLog, StepMetrics, run_name
-    from sip.train.plots import plot_run
 
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    try:
-        run_log = RunLog(cfg, out)
-    except ImportError as err:
-        raise PipelineError(str(err)) from None
-    started_cluster = init_ray(cfg)
-    apps: list[str] = []
-    try:
-        check_resources(cfg)
-        base_info = None
-        if cfg.policy.init == "scratch" and cfg.base.steps > 0:
-            base_folder, base_info = ensure_base(cfg)
-            cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"init": str(base_folder)})})
-        tokenizer_dir = out / "tokenizer"
-        if cfg.run.resume_from is not None:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.run.resume_from)
-            tokenizer.save_pretrained(tokenizer_dir)
-        else:
-            tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, tokenizer_dir)
-        apps = deploy_teachers(cfg)
-        timeout = cfg.pipeline.timeout_s
-        learner = (
-            ray.remote(Learner).options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus).remote(cfg, str(tokenizer_dir))
-        )
-        step, resumed = ray.get(learner.resumed_state.remote(), timeout=timeout)
-        tally = Tally(resumed.get("tally"))
-        initial_eval = evaluate(cfg, learner, tokenizer) if cfg.run.eval_at_end and cfg.run.resume_from is None else None
-        sampler = Sampler(cfg.data, tokenizer, resumed.get("sampler") or (base_info or {}).get("sampler"))
-        staleness_bound = 0 if cfg.pipeline.mode == "sync" else cfg.pipeline.max_staleness
-        queue_options = {"num_cpus": 0}
-        samples_q = Queue(maxsize=cfg.pipeline.queue_size, actor_options=queue_options)
-        judged_q = Queue(maxsize=cfg.pipeline.queue_size + staleness_bound + 1, actor_options=queue_options)
-        workers = [
-            ray.remote(RolloutWorker)
-            .options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
-            .remote(cfg, str(tokenizer_dir), i)
-            for i in range(cfg.rollout.num_generators)
-        ]
-        if cfg.rollout.weight_sync == "nccl":
-            ray.get(learner.connect_generators.remote(workers), timeout=timeout)
+class TrainingRun:
+    def __init__(self, cfg: SipConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.stop_signal: str | None = None
+        self.counters: Counter = Counter()  # judge calls and failures, rewrite failures, retried requests
+        self.faults: Counter = Counter()  # learner restarts, rollout batches lost with their worker, failed episodes
+        self.judge_window: deque[tuple[int, int]] = deque(maxlen=cfg.judge.failure_window)
+        self.episode_errors: Counter = Counter()
 
-        def publish_weights() -> list:
-            """The weights batches will carry: an object-store reference, or none after an NCCL broadcast."""
-            if cfg.rollout.weight_sync == "nccl":
-                ray.get(learner.broadcast_weights.remote(), timeout=timeout)
-                return []
-            return [learner.weights.remote()]
+    def run(self) -> dict:
+        from sip.train.cluster import ClusterError, cluster_session
 
-        worker_runs = [w.run.remote(samples_q, judged_q) for w in workers]
-        weights = publish_weights()
-        weights_version = step
-        fed = step
-        sampler_states: dict[int, dict] = {step - 1: sampler.state()}
-        pending: dict[int, JudgedBatch] = {}
-        train_start = last = time.perf_counter()
-        judged_before = tally.counts["samples_judged"]
-        step_metrics = StepMetrics(run_name(cfg), tally.skipped)
-
-        samples_fed = fed_reported = 0
-
-        def feed() -> None:
-            nonlocal fed, samples_fed
-            while fed < cfg.train.steps and fed <= step + staleness_bound:
-                samples = sampler.take(cfg.train.batch_size)
-                if not samples:
-                    raise PipelineError(f"the data stream ended after {sampler.read} documents")
-                sampler_states[fed] = sampler.state()
-                samples_fed += len(samples)
-                samples_q.put(Batch(fed, samples, weights_version, weights), timeout=timeout)
-                fed += 1
-
-        def next_judged(index: int) -> JudgedBatch:
-            while index not in pending:
+        resume_state = self._check_inputs()
+        try:
+            with cluster_session(self.cfg) as apps, self._stop_on_signals():
+                self.apps = apps
+                self._prepare(resume_state)
                 try:
-                    batch: JudgedBatch = judged_q.get(timeout=timeout)
-                except Empty:
-                    finished, _ = ray.wait(worker_runs, timeout=0)
-                    ray.get(finished)  # a worker that stopped early raises its error here
-                    raise PipelineError(f"no judged batch within pipeline.timeout_s={timeout:g}s") from None
-                if batch.error:
-                    raise PipelineError(f"rollout worker failed on batch {batch.index}: {batch.error}")
-                pending[batch.index] = batch
-            return pending.pop(index)
+                    with self._outputs():
+                        while self.ledger.step < self.cfg.train.steps and not self.stop_signal:
+                            self._step()
+                    if self.stop_signal:
+                        self._stop()
+                    return self._finish()
+                finally:
+                    self.pool.shutdown()
+                    self.learner.shutdown()
+        except ClusterError as err:
+            raise PipelineError(str(err)) from None
 
-        progress = Progress(
+    # ---- before anything starts -----------------------------------------------------------------
+
+    def _check_inputs(self) -> dict | None:
+        """A resume checkpoint that is whole and ours, and an output folder that holds no other run."""
+        try:
+            self.resume = resolve_resume(self.cfg)
+            state = check_resumable(self.resume, self.cfg) if self.resume else None
+        except CheckpointError as err:
+            raise PipelineError(str(err)) from None
+        previous = [name for name in ("config.yaml", "metrics.jsonl") if (self.out / name).exists()]
+        continuing = self.resume is not None and self.out.resolve() in self.resume.resolve().parents
+        if previous and not continuing:
+            if not self.cfg.run.overwrite:
+                raise PipelineError(
+                    f"{self.out} already holds a run ({', '.join(previous)}). Continue it with run.resume_from=latest, "
+                    "write this one elsewhere with --output-dir, or replace it with run.overwrite=true")
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(self.out / name, ignore_errors=True)
+        return state
+
+    # ---- starting the roles ---------------------------------------------------------------------
+
+    def _prepare(self, resume_state: dict | None) -> None:
+        from transformers import AutoTokenizer
+
+        from sip.train.base import ensure_base
+        from sip.train.data import Sampler, load_or_train_tokenizer
+        from sip.train.evaluate import evaluate
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base_info = None
+        if self.resume is None and cfg.policy.init == "scratch" and cfg.base.steps > 0:
+            base_folder, self.base_info = ensure_base(cfg)
+            cfg = self.cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"init": str(base_folder)})})
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.tokenizer_dir = self.out / "tokenizer"
+        if self.resume is not None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.resume)
+            self.tokenizer.save_pretrained(self.tokenizer_dir)
+        else:
+            self.tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, self.tokenizer_dir)
+
+        self.learner = LearnerGroup(cfg, str(self.tokenizer_dir), self.resume)
+        extra = self.learner.extra
+        self.pool = RolloutPool(cfg, str(self.tokenizer_dir), self.apps, replaceable=cfg.rollout.weight_sync != "nccl")
+        self.learner.connect_generators(self.pool.actors)
+        start = self.learner.version
+        cursor = extra.get("sampler") or (self.base_info or {}).get("sampler") or {}
+        self.sampler = Sampler(cfg.data, self.tokenizer, cursor)
+        staleness = 0 if cfg.pipeline.mode == "sync" else cfg.pipeline.max_staleness
+        self.ledger = BatchLedger(cfg.train.steps, staleness, start, self.sampler.state(), extra.get("ledger"))
+        self.counters.update(extra.get("counters", {}))
+        self.faults.update(extra.get("faults", {}))
+        self.last_checkpoint: tuple[int, Path | None] = (start, self.resume)
+        self.counters_at_checkpoint = Counter(self.counters)
+        self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
+                             if cfg.run.eval_at_end and self.resume is None else None)
+        self.weights = self.learner.publish_weights()
+        self.samples_at_start = self.ledger.trained + sum(self.ledger.skipped.values())
+
+    @contextmanager
+    def _outputs(self):
+        """metrics.jsonl (cut back to the resumed step), TensorBoard / W&B, Ray metrics, the progress bar."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from sip.train.metrics import RunLog, StepMetrics, run_name
+
+        try:
+            self.run_log = RunLog(self.cfg, self.out)
+        except ImportError as err:
+            raise PipelineError(str(err)) from None
+        self.step_metrics = StepMetrics(run_name(self.cfg), self.ledger.skipped)
+        self.fed_reported = self.ledger.fed + self.ledger.refed
+        self._cut_metrics(self.ledger.step)
+        self.progress = Progress(
             TextColumn("[bold]sip train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), disable=not cfg.run.progress,
+            TextColumn("{task.fields[status]}"), disable=not self.cfg.run.progress,
         )
-        with progress, open(out / "metrics.jsonl", "a" if cfg.run.resume_from else "w") as metrics_file:
-            bar = progress.add_task("train", total=cfg.train.steps, completed=step, status="")
-            while step < cfg.train.steps:
-                feed()
-                judged = next_judged(step)
-                depths = {"samples": _queue_depth(samples_q, timeout), "judged": _queue_depth(judged_q, timeout), "reorder": len(pending)}
-                examples, record = _examples_and_stats(cfg, judged, step, tally)
-                metrics = ray.get(learner.train_step.remote(examples), timeout=timeout)
-                step += 1
-                weights, weights_version = publish_weights(), step
-                now = time.perf_counter()
-                record.update(metrics)
-                record.update(step=step, samples_per_s=len(judged.judged) / max(now - last, 1e-9), time_s=now - train_start,
-                              queue_depth=depths)
-                last = now
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                step_metrics.record_step(record, samples_fed - fed_reported, len(judged.judged), tally.skipped)
-                fed_reported = samples_fed
-                run_log.log(step, record)
-                progress.update(bar, completed=step, status=_status(record))
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < cfg.train.steps:
-                    _checkpoint(learner, out, step, sampler_states.pop(step - 1), tally, timeout)
-        for _ in workers:
-            samples_q.put(None, timeout=timeout)
-        ray.get(worker_runs, timeout=timeout)
-        train_seconds = time.perf_counter() - train_start
-        checkpoint = _checkpoint(learner, out, step, sampler.state(), tally, timeout)
+        self.train_start = self.last_step_end = time.perf_counter()
+        try:
+            with self.progress:
+                self.bar = self.progress.add_task("train", total=self.cfg.train.steps, completed=self.ledger.step, status="")
+                yield
+        finally:
+            self.metrics_file.close()
+            self.run_log.close()
+
+    def _cut_metrics(self, step: int) -> None:
+        """Keep the metrics.jsonl rows up to `step` (a resume or a learner restart continues from there)."""
+        path = self.out / "metrics.jsonl"
+        rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.metrics_file = open(path, "a")
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        self._feed()
+        entry = self._collect()
+        if entry is None:  # asked to stop while waiting
+            return
+        examples, record = self._select(entry.result)
+        try:
+            step_start = time.perf_counter()
+            metrics = self.learner.train_step(examples)
+            record["time_s"] = {"learner_step": time.perf_counter() - step_start}
+            self.ledger.mark_trained(entry, len(examples), record.pop("skipped"))
+            publish_start = time.perf_counter()
+            self.weights = self.learner.publish_weights()
+            record["time_s"]["publish"] = time.perf_counter() - publish_start
+        except LearnerDied as err:
+            self._recover_learner(err)
+            return
+        self._log(entry.result, record, metrics)
+        if self.cfg.run.checkpoint_every and self.ledger.step % self.cfg.run.checkpoint_every == 0 \
+                and self.ledger.step < self.cfg.train.steps:
+            self._checkpoint()
+
+    def _feed(self) -> None:
+        """Take new batches from the stream while the staleness bound allows, and hand out every batch waiting."""
+        while self.ledger.wants_new_batch():
+            samples = self.sampler.take(self.cfg.train.batch_size)
+            if not samples:
+                self._fail(f"the data stream ended after {self.sampler.read} documents")
+            self.ledger.add(samples, self.sampler.state())
+        for entry in self.ledger.to_feed():
+            attempt = self.ledger.mark_fed(entry)
+            self.pool.submit(Batch(entry.index, entry.samples, self.weights, attempt))
+
+    def _collect(self) -> Entry | None:
+        """Wait for the next batch in order; lost and failed batches are fed again meanwhile."""
+        timeout = self.cfg.pipeline.timeout_s
+        deadline = time.monotonic() + timeout
+        wait_start = time.perf_counter()
+        while (entry := self.ledger.next_to_train()) is None:
+            if self.stop_signal:
+                return None
+            try:
+                outcomes = self.pool.poll(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except RolloutWorkersExhausted as err:
+                self._fail(str(err))
+            for outcome in outcomes:
+                deadline = time.monotonic() + timeout
+                if isinstance(outcome, Lost):
+                    if self.ledger.lost(outcome.index, outcome.attempt):
+                        self.faults["rollout_batches_lost"] += 1
+                        log.warning("batch %d lost (%s): feeding it again", outcome.index, outcome.reason)
+                elif outcome.error:
+                    self._episode_failed(outcome)
+                else:
+                    self.ledger.judged(outcome.index, outcome.attempt, outcome)
+            self._feed()
+            if time.monotonic() > deadline:
+                self._fail(f"no judged batch within pipeline.timeout_s={timeout:g}s "
+                           f"({self.ledger.in_flight_batches()} batches with the rollout workers)")
+        self.wait_seconds = time.perf_counter() - wait_start
+        return entry
+
+    def _episode_failed(self, outcome: JudgedBatch) -> None:
+        if not self.ledger.lost(outcome.index, outcome.attempt):
+            return
+        self.faults["failed_episodes"] += 1
+        self.episode_errors[outcome.index] += 1
+        if self.episode_errors[outcome.index] > self.cfg.run.max_failures:
+            self._fail(f"batch {outcome.index} failed {self.episode_errors[outcome.index]} times "
+                       f"(run.max_failures={self.cfg.run.max_failures}); last: {outcome.error}")
+        log.warning("batch %d failed (%s): feeding it again", outcome.index, outcome.error)
+
+    def _select(self, judged: JudgedBatch) -> tuple[list[TrainExample], dict]:
+        """Training examples for one batch, and the per-step metrics that describe it."""
+        objective, step = self.cfg.train.objective, self.ledger.step
+        examples: list[TrainExample] = []
+        skipped: Counter = Counter()
+        scores: dict[str, list[float]] = {s: [] for s in SOURCES}
+        staleness: list[int] = []
+        rollout_logprobs: list[float] = []
+        for js in judged.judged:
+            for cand, reward in zip(js.candidates, js.reward):
+                scores[cand.source].append(reward)
+                if cand.version is not None:
+                    staleness.append(step - cand.version)
+                if cand.logprobs:
+                    rollout_logprobs.extend(cand.logprobs)
+            reason = skip_reason(js, objective)
+            if reason is None:
+                examples.append(select(js, objective, self.cfg.run.seed))
+            else:
+                skipped[reason] += 1
+        chosen = Counter(e.chosen_source for e in examples)
+        self.counters.update(judge_calls=judged.judge_calls, judge_failures=judged.judge_failures,
+                             rewrite_failures=judged.rewrite_failures)
+        self.counters.update({f"retries_{app}": n for app, n in judged.request_retries.items()})
+        record = {
+            "trained": len(examples),
+            "skipped": skipped,
+            "chosen_rate": {s: chosen[s] / len(examples) if examples else 0.0 for s in SOURCES},
+            "judge_score": {s: mean(v) for s, v in scores.items() if v},
+            "staleness_mean": mean(staleness) if staleness else 0.0,
+            "staleness_max": max(staleness, default=0),
+            # mean log-probability of a rollout token under the policy that sampled it (falls as the policy sharpens)
+            "rollout_logprob": mean(rollout_logprobs) if rollout_logprobs else None,
+            "judge_calls": judged.judge_calls,
+            "judge_failures": judged.judge_failures,
+            "skipped_ties": skipped["tie"],
+            "skipped_judge_failed": skipped["judge_failed"],
+            "rewrite_failures": judged.rewrite_failures,
+        }
+        return examples, record
+
+    def _log(self, judged: JudgedBatch, record: dict, metrics: dict) -> None:
+        now = time.perf_counter()
+        step = self.ledger.step
+        wall = max(now - self.last_step_end, 1e-9)
+        record.update(metrics)
+        record["time_s"].update({f"worker_{k}": round(v, 4) for k, v in judged.stage_seconds.items()})
+        record["time_s"]["wait"] = self.wait_seconds
+        record.update(step=step, samples_per_s=len(judged.judged) / wall, time=now - self.train_start,
+                      learner_idle=max(0.0, 1 - record["time_s"]["learner_step"] / wall),
+                      queue_depth={"with_workers": self.ledger.in_flight_batches(), "reorder": self.ledger.waiting_batches()})
+        self.last_step_end = now
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        fed = self.ledger.fed + self.ledger.refed
+        self.step_metrics.record_step(record, fed - self.fed_reported, len(judged.judged), self.ledger.skipped)
+        self.fed_reported = fed
+        self.run_log.log(step, record)
+        self.progress.update(self.bar, completed=step, status=_status(record))
+        self._check_judge_failures(judged)
+
+    def _check_judge_failures(self, judged: JudgedBatch) -> None:
+        self.judge_window.append((judged.judge_calls, judged.judge_failures))
+        calls = sum(c for c, _ in self.judge_window)
+        failures = sum(f for _, f in self.judge_window)
+        limit = self.cfg.judge.max_failure_rate
+        if calls and failures / calls > limit and len(self.judge_window) == self.judge_window.maxlen:
+            example = judged.judge_failure_example
+            self._fail(f"the judge ({self.cfg.judge.backend} backend, Serve app {self.apps['judge']}) gave no verdict for "
+                       f"{failures} of {calls} judgments ({failures / calls:.0%}) over the last {len(self.judge_window)} "
+                       f"steps, above judge.max_failure_rate={limit:g}"
+                       + (f"; its last unparseable answer: {example!r}" if example else ""))
+
+    # ---- faults, checkpoints, the end -----------------------------------------------------------
+
+    def _recover_learner(self, err: Exception) -> None:
+        self.faults["learner_restarts"] += 1
+        step, checkpoint = self.last_checkpoint
+        where = f"the checkpoint at step {step} ({checkpoint})" if checkpoint else "the start of the run"
+        if self.faults["learner_restarts"] > self.cfg.run.max_failures:
+            raise PipelineError(f"{err}; the learner has died {self.faults['learner_restarts']} times "
+                                f"(run.max_failures={self.cfg.run.max_failures}). "
+                                + _resume_hint(checkpoint))
+        log.warning("%s: restarting the learner group from %s", err, where)
+        self.learner.restart(checkpoint)
+        self.ledger.rollback(step)
+        self.counters = Counter(self.counters_at_checkpoint)
+        self.metrics_file.close()
+        self._cut_metrics(step)
+        self.weights = self.learner.publish_weights()
+
+    def _checkpoint(self) -> Path:
+        path = step_dir(self.out, self.ledger.step)
+        extra = {"sampler": self.ledger.cursor(), "ledger": self.ledger.state(), "counters": dict(self.counters),
+                 "faults": dict(self.faults)}
+        self.learner.save(path, extra)
+        self.ledger.checkpointed()
+        self.last_checkpoint = (self.ledger.step, path)
+        self.counters_at_checkpoint = Counter(self.counters)
+        prune(self.out, self.cfg.run.keep_checkpoints)
+        return path
+
+    def _fail(self, message: str) -> None:
+        """Stop the run: with a checkpoint of the current step if the learner can still write one."""
+        try:
+            checkpoint = self._checkpoint() if self.ledger.step > self.last_checkpoint[0] else self.last_checkpoint[1]
+        except LearnerDied:
+            checkpoint = self.last_checkpoint[1]
+        raise PipelineError(f"{message}. {_resume_hint(checkpoint)}")
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM ask the run to stop after the step in hand; a second one stops it at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def ask_to_stop(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+            log.warning("%s: finishing the step in hand, then writing a checkpoint (send it again to stop at once)",
+                        self.stop_signal)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        for sig in previous:
+            signal.signal(sig, ask_to_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self) -> None:
+        checkpoint = self._checkpoint()
+        raise RunStopped(f"stopped by {self.stop_signal} at step {self.ledger.step} of {self.cfg.train.steps}. "
+                         + _resume_hint(checkpoint), self.stop_signal)
+
+    def _finish(self) -> dict:
+        from sip.train.evaluate import evaluate
+        from sip.train.plots import plot_run
+
+        cfg, out = self.cfg, self.out
+        train_seconds = time.perf_counter() - self.train_start
+        checkpoint = self._checkpoint()
+        counts = self.ledger.counts()
+        judged_now = counts["trained"] + sum(counts["skipped"].values()) - self.samples_at_start
         summary = {
-            "steps": step,
-            "policy_version": step,
+            "steps": self.ledger.step,
+            "policy_version": self.learner.version,
             "objective": cfg.train.objective,
             "mode": cfg.pipeline.mode,
+            "num_learners": cfg.train.num_learners,
             "train_seconds": round(train_seconds, 2),
-            "samples_per_s": round((tally.counts["samples_judged"] - judged_before) / train_seconds, 3),
-            "samples": {
-                "documents_read": sampler.read,
-                "documents_skipped": dict(sampler.skipped),
-                "judged": tally.counts["samples_judged"],
-                "trained": tally.counts["trained"],
-                "skipped": dict(tally.skipped),
-                "in_flight": samples_fed - (tally.counts["samples_judged"] - judged_before),
-            },
-            "judge_calls": tally.counts["judge_calls"],
-            "judge_failures": tally.counts["judge_failures"],
+            "samples_per_s": round(judged_now / train_seconds, 3),
+            "samples": {"documents_read": self.sampler.read, "documents_skipped": dict(self.sampler.skipped), **counts},
+            "restarts": {"learner": self.faults["learner_restarts"], "rollout": sum(self.pool.restarts.values())},
+            "faults": dict(self.faults),
+            "judge_calls": self.counters["judge_calls"],
+            "judge_failures": self.counters["judge_failures"],
+            "rewrite_failures": self.counters["rewrite_failures"],
+            "request_retries": {k.removeprefix("retries_"): v for k, v in self.counters.items() if k.startswith("retries_")},
+            "apps": self.apps,
             "final": _final_metrics(out / "metrics.jsonl"),
-            "checkpoint": checkpoint,
+            "checkpoint": str(checkpoint),
         }
         plot_run(out / "metrics.jsonl", out / "curves.png")
-        if base_info is not None:
-            summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in base_info.items() if k != "sampler"}}
+        if self.base_info is not None:
+            summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in self.base_info.items() if k != "sampler"}}
         if cfg.run.eval_at_end:
-            summary["eval"] = evaluate(cfg, learner, tokenizer, out)
-            run_log.log(step, summary["eval"], prefix="eval/")
-            if initial_eval is not None:
-                summary["eval_initial"] = initial_eval
+            summary["eval"] = evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"], out)
+            self.run_log.log(self.ledger.step, summary["eval"], prefix="eval/")
+            if self.initial_eval is not None:
+                summary["eval_initial"] = self.initial_eval
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    finally:
-        run_log.close()
-        if apps:
-            from ray import serve
-
-            for name in apps:
-                serve.delete(name)
-        if started_cluster:
-            ray.shutdown()
 
 
-def _examples_and_stats(cfg: SipConfig, judged: JudgedBatch, step: int, tally: Tally) -> tuple[list[TrainExample], dict]:
-    """Selection for one batch, and the per-step metrics that describe it."""
-    examples: list[TrainExample] = []
-    ties = empty = 0
-    scores: dict[str, list[float]] = {s: [] for s in SOURCES}
-    staleness: list[int] = []
-    rollout_logprobs: list[float] = []
-    for js in judged.judged:
-        for cand, reward in zip(js.candidates, js.reward):
-            scores[cand.source].append(reward)
-            if cand.version is not None:
-                staleness.append(step - cand.version)
-            if cand.logprobs:
-                rollout_logprobs.extend(cand.logprobs)
-        if not js.candidates:
-            empty += 1
-            continue
-        example = select(js, cfg.train.objective, cfg.run.seed)
-        if example is None:
-            ties += 1
-        else:
-            examples.append(example)
-    chosen = Counter(e.chosen_source for e in examples)
-    tally.counts["samples_judged"] += len(judged.judged)
-    tally.counts["trained"] += len(examples)
-    tally.counts["judge_calls"] += judged.judge_calls
-    tally.counts["judge_failures"] += judged.judge_failures
-    tally.skipped["tie"] += ties
-    tally.skipped["no_candidate"] += empty
-    tally.skipped["rewrite_failed"] += judged.rewrite_failures
-    record = {
-        "trained": len(examples),
-        "chosen_rate": {s: chosen[s] / len(examples) if examples else 0.0 for s in SOURCES},
-        "judge_score": {s: mean(v) for s, v in scores.items() if v},
-        "staleness_mean": mean(staleness) if staleness else 0.0,
-        "staleness_max": max(staleness, default=0),
-        # mean log-probability of a rollout token under the policy that sampled it (falls as the policy sharpens)
-        "rollout_logprob": mean(rollout_logprobs) if rollout_logprobs else None,
-        "judge_calls": judged.judge_calls,
-        "judge_failures": judged.judge_failures,
-        "judge_parse_failures": judged.judge_failures,  # judgments dropped: no parseable verdict after retries
-        "skipped_ties": ties,
-        "worker_seconds": judged.worker_seconds,
-    }
-    return examples, record
-
-
-def _queue_depth(queue, timeout: float) -> int:
-    import ray
-
-    return ray.get(queue.actor.qsize.remote(), timeout=timeout)
+def _resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "No checkpoint was written yet: start the run again."
+    return f"Resume with the same command and run.resume_from={checkpoint}"
 
 
 def _status(record: dict) -> str:
@@ -341,24 +454,16 @@ def _status(record: dict) -> str:
     return " | ".join(parts)
 
 
-def _checkpoint(learner, out: Path, step: int, sampler_state: dict, tally: Tally, timeout: float) -> str:
-    """Policy, optimizer, version, and the stream position after the last trained batch (never queues)."""
-    import ray
-
-    path = out / "checkpoints" / f"step_{step:06d}"
-    extra = {"sampler": sampler_state, "tally": tally.state()}
-    return ray.get(learner.save.remote(str(path), extra), timeout=timeout)
-
-
 def _final_metrics(path: Path, window: int = 20) -> dict:
     """Means over the last `window` steps of the scalar metrics and chosen rates."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-window:]
     if not rows:
         return {}
     final: dict = {}
-    for key in ("loss", "nll", "reward_margin", "preference_accuracy", "staleness_mean", "samples_per_s"):
+    for key in ("loss", "nll", "reward_margin", "preference_accuracy", "staleness_mean", "samples_per_s", "learner_idle"):
         values = [r[key] for r in rows if key in r]
         if values:
             final[key] = round(mean(values), 4)
     final["chosen_rate"] = {s: round(mean(r["chosen_rate"][s] for r in rows), 4) for s in SOURCES}
     return final
+

@@ -40,12 +40,12 @@ class Candidate:
 
 @dataclass
 class Batch:
-    """One optimizer step's worth of samples, numbered in feeding order."""
+    """One optimizer step's worth of samples, numbered in feeding order; `attempt` counts its feeds."""
 
     index: int
     samples: list[Sample]
-    weights_version: int = 0
-    weights: list[Any] = field(default_factory=list)  # [ObjectRef] of the policy at weights_version
+    weights: Any = None  # a WeightUpdate (actors/weight_sync.py): the policy version its rollouts need, and where it is
+    attempt: int = 1
 
 
 @dataclass
@@ -67,11 +67,14 @@ class JudgedSample:
 class JudgedBatch:
     index: int
     judged: list[JudgedSample]
+    attempt: int = 1
     judge_calls: int = 0
     judge_failures: int = 0
+    judge_failure_example: str | None = None  # the last answer the judge gave that held no verdict
     rewrite_failures: int = 0
-    worker_seconds: float = 0.0
-    error: str | None = None  # set when the episode failed; the driver stops with this message
+    request_retries: dict[str, int] = field(default_factory=dict)  # per deployment: requests tried again
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # weights, generate, rewrite, judge, episode
+    error: str | None = None  # set when the episode failed; the driver feeds the batch again
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""The learner as the driver sees it: N FSDP2 ranks (actors/learner.py) behind one handle.
+
+The ranks run in one placement group, one bundle each (`train.num_cpus`, `train.num_gpus`), and
+join one process group. The driver calls `train_step`, `publish_weights`, `greedy` and `save`
+exactly as it would on a single learner; the group splits each batch over the ranks, runs the
+collective on all of them, and returns rank 0's answer. When any rank dies, every call raises
+`LearnerDied`; `restart` replaces all ranks from a checkpoint (a process group cannot lose a member).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from sip.actors.weight_sync import WeightUpdate, make_weight_sync
+from sip.train.checkpoint import partial_dir
+from sip.train.config import SipConfig
+from sip.train.records import TrainExample
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank's process died; the message names it."""
+
+
+class LearnerGroup:
+    def __init__(self, cfg: SipConfig, tokenizer_dir: str, resume_from: Path | None = None):
+        self.cfg = cfg
+        self.tokenizer_dir = tokenizer_dir
+        self.timeout = cfg.pipeline.timeout_s
+        self.weight_sync = make_weight_sync(cfg)
+        self.ranks: list = []
+        self._placement = None
+        self.version, self.extra = self._start(resume_from)
+
+    def _start(self, resume_from: Path | None) -> tuple[int, dict]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from sip.actors.learner import LearnerRank
+
+        t, n = self.cfg.train, self.cfg.train.num_learners
+        bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
+        self._placement = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self._placement.ready(), timeout=self.timeout)
+        actor = ray.remote(LearnerRank)
+        self.ranks = [
+            actor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=i))
+            .remote(self.cfg, self.tokenizer_dir, i, n)
+            for i in range(n)
+        ]
+        init_method = self._get([self.ranks[0].rendezvous.remote()], "rendezvous")[0]
+        resume = str(resume_from) if resume_from else None
+        return self._get([r.setup.remote(init_method, resume) for r in self.ranks], "setup")[0]
+
+    def _get(self, refs: list, what: str) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except RayActorError as err:
+            raise LearnerDied(f"a learner rank died during {what}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        except GetTimeoutError:
+            raise LearnerDied(f"the learner ranks did not finish {what} within pipeline.timeout_s={self.timeout:g}s") from None
+
+    def train_step(self, examples: list[TrainExample]) -> dict[str, float]:
+        """One optimizer step on `examples`, split round-robin over the ranks; an empty batch still bumps the version."""
+        n = len(self.ranks)
+        shares = [examples[r::n] for r in range(n)]
+        largest = max(len(s) for s in shares)
+        size = self.cfg.train.micro_batch_size or largest or 1
+        totals = {
+            "examples": len(examples),
+            "chosen_tokens": sum(len(e.chosen_ids) for e in examples),
+            "micro_batches": math.ceil(largest / size),
+            "micro_batch_size": size,
+            "filler": examples[0] if examples else None,
+        }
+        metrics = self._get([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shares)], "train_step")[0]
+        self.version = int(metrics["policy_version"])
+        return metrics
+
+    def publish_weights(self) -> WeightUpdate:
+        return self.weight_sync.publish(self.ranks, self.version)
+
+    def connect_generators(self, workers: list) -> None:
+        """rollout.weight_sync=nccl only: the engines join rank 0's NCCL group."""
+        self.weight_sync.connect(self.ranks, workers)
+
+    def greedy(self, prefixes: list[list[int]], n: int) -> list[list[int]]:
+        return self._get([r.greedy.remote(prefixes, n) for r in self.ranks], "greedy")[0]
+
+    def save(self, final: Path, extra: dict) -> str:
+        """A complete checkpoint at `final` (see train/checkpoint.py), written by all ranks."""
+        partial = partial_dir(Path(final))
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        return self._get([r.save.remote(str(partial), str(final), extra) for r in self.ranks], "save")[0]
+
+    def restart(self, resume_from: Path | None) -> None:
+        """Replace every rank, continuing from `resume_from` (or from the run's start when None)."""
+        self.shutdown()
+        self.version, self.extra = self._start(resume_from)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []
+        if self._placement is not None:
+            remove_placement_group(self._placement)
+            self._placement = None
