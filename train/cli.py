@@ -7,6 +7,7 @@ so a config value or an error that holds `[suffix]` or `[/red]` shows exactly th
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,10 +49,12 @@ def train(
 ) -> None:
     """Train a policy with Self-Improving Pretraining (the built-in world by default)."""
     cfg = resolve_config(config, overrides or [], output_dir)
-    from sip.train.pipeline import PipelineError, run_training
+    from sip.train.pipeline import PipelineError, RunStopped, run_training
 
     try:
         summary = run_training(cfg)
+    except RunStopped as err:  # the shell's code for a process ended by that signal: 130 SIGINT, 143 SIGTERM
+        raise fail(f"sip train: {err}", 128 + signal.Signals[err.signal_name].value) from None
     except PipelineError as err:
         raise fail(f"sip train failed: {err}", 1) from None
     console.print_json(json.dumps({k: summary[k] for k in ("steps", "train_seconds", "samples", "final", "eval") if k in summary}))
