@@ -201,3 +201,28 @@ def test_attached_judge_rescales_while_a_job_runs(cluster, tmp_path):
     assert summary["samples"]["fed"] == steps * BATCH
     assert cluster.judge_replicas() == scaled, "the job must leave the long-lived judge running"
 
+
+
+def test_concurrent_runs_each_use_their_own_judge_and_leave_the_served_one_alone(cluster, tmp_path):
+    teacher = [o for o in TINY if o.startswith("data.")]
+    cluster.sip_serve(teacher)
+    served = cluster.judge_replicas()
+    quality_only = ["judge.weights={quality: 1, factuality: 0, safety: 0}"]
+    common = TINY + ["train.steps=4", "run.eval_at_end=false", "pipeline.mode=sync"]
+    outs = {"quality": tmp_path / "quality", "all": tmp_path / "all"}
+    jobs = {
+        "quality": cluster.submit(common + quality_only + [f"run.output_dir={outs['quality']}"]),
+        "all": cluster.submit(common + [f"run.output_dir={outs['all']}"]),
+    }
+    for name, job_id in jobs.items():
+        info = cluster.wait_job(job_id)
+        assert info["status"] == "SUCCEEDED", f"{name}: {cluster.logs(job_id)[-4000:]}"
+    summaries = {name: json.loads((out / "summary.json").read_text()) for name, out in outs.items()}
+    apps = {name: s["apps"]["judge"] for name, s in summaries.items()}
+    assert len(set(apps.values())) == 2 and "sip-judge" not in apps.values(), apps
+    # each run was judged with its own settings: quality alone asks only pairwise questions
+    pairs = 4 * 6  # 4 prefixes x C(4, 2) pairs of (suffix, rewrite, 2 rollouts)
+    assert summaries["quality"]["judge_calls"] <= 4 * pairs < summaries["all"]["judge_calls"]
+    running = serve_details(cluster.dashboard)["applications"]
+    assert not any(app in running for app in apps.values()), "each run deletes the apps it deployed"
+    assert cluster.judge_replicas() == served, "the long-lived judge must outlive runs that did not attach to it"

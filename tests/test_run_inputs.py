@@ -1,0 +1,92 @@
+"""Inputs a run checks before it starts anything: a resume checkpoint that is whole and ours, an output
+folder that holds no other run, and a cluster that can hold the run. Each is a clear message within
+seconds through the real CLI, never a traceback."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sip.train.checkpoint import step_dir
+from test_e2e import TINY
+from test_learner import EXAMPLES, make_cfg, one_rank, step
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sip(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "sip.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return done, time.monotonic() - start
+
+
+def assert_refused(done: subprocess.CompletedProcess, seconds: float, *needles: str, within: float = 20) -> None:
+    assert done.returncode in (1, 2), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    for needle in needles:
+        assert needle in done.stderr, done.stderr[-2000:]
+    assert seconds < within, f"took {seconds:.0f}s to refuse"
+
+
+def test_a_missing_resume_checkpoint_is_refused_before_anything_starts(tmp_path):
+    done, seconds = sip("train", f"run.resume_from={tmp_path / 'nope'}", f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, "no such checkpoint folder")
+
+
+def test_resume_latest_with_no_checkpoint_is_refused(tmp_path):
+    done, seconds = sip("train", "run.resume_from=latest", f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, "no complete checkpoint")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real checkpoint of a one-rank learner with the tiny test policy (written in this process)."""
+    from test_learner import load_config, train_tokenizer
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = root / "tok"
+    train_tokenizer(load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200",
+                                       "data.vocab_size=400"]).data, tok)
+    final = step_dir(root / "run", 1)
+    with one_rank(make_cfg("nll"), tok) as learner:
+        step(learner, EXAMPLES)
+        learner.save(str(root / "partial"), str(final), {})
+    return final
+
+
+def test_a_half_written_checkpoint_is_refused(checkpoint, tmp_path):
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(checkpoint, half)
+    (half / "COMPLETE").unlink()
+    done, seconds = sip("train", f"run.resume_from={half}", f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, "incomplete")
+
+
+def test_a_checkpoint_of_another_model_or_objective_is_refused_naming_what_differs(checkpoint, tmp_path):
+    done, seconds = sip("train", f"run.resume_from={checkpoint}", "policy.hidden_size=48", "train.objective=dpo",
+                        f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, "written by a different run", "policy", "objective")
+
+
+def test_an_output_folder_holding_another_run_is_refused_unless_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("train: {steps: 3}\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    done, seconds = sip("train", f"--output-dir={out}")
+    assert_refused(done, seconds, "already holds a run", "run.resume_from=latest", "run.overwrite=true")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n', "nothing of the old run was touched"
+
+
+@pytest.mark.ray
+def test_gpus_the_cluster_lacks_are_refused_instead_of_waiting_forever(tmp_path):
+    done, seconds = sip("train", *TINY, "judge.num_gpus=1", f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, "needs 1 GPUs", "the cluster has 0", within=60)
