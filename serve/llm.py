@@ -19,7 +19,7 @@ block or open a new one. A verdict is read only from the judge's own answer:
   before it.
 
 A failed parse is asked again (`llm.max_retries` times); then the judgment is None, which the judge
-deployment scores at its worst and counts (`judge_parse_failures`), never a win.
+deployment scores at its worst and counts (`judge_failures` in metrics.jsonl), never a win.
 """
 
 from __future__ import annotations

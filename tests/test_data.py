@@ -75,3 +75,81 @@ def test_sampler_resumes_exactly_from_its_state(cfg, tokenizer):
     resumed = Sampler(cfg, tokenizer, state)
     assert resumed.take(7) == expected
     assert resumed.skipped == first.skipped and resumed.read == first.read
+
+
+def chunked(cfg, **fields):
+    return cfg.model_copy(update={"cut": "chunks", **fields})
+
+
+def test_chunks_cover_every_token_after_the_first_min_prefix(cfg, tokenizer):
+    from sip.train.data import chunk_samples, document_ids
+
+    text = " ".join(f"w{i}" for i in range(120))
+    ids, truncated = document_ids(cfg, tokenizer, text)
+    assert not truncated and ids == tokenizer.encode(text, add_special_tokens=False)
+    samples = chunk_samples(chunked(cfg), tokenizer, "doc", ids, None)
+    n, m = cfg.suffix_tokens, cfg.min_prefix_tokens
+    assert len(samples) == (len(ids) - m) // n
+    assert [s.id for s in samples] == [f"doc:{c}" for c in range(len(samples))]
+    covered = [t for s in samples for t in s.suffix_ids]
+    assert covered == ids[m : m + n * len(samples)], "consecutive N-token chunks, none skipped"
+    for chunk, s in enumerate(samples):
+        split = m + chunk * n
+        assert s.prefix_ids == ids[max(0, split - (cfg.max_seq_tokens - n)) : split]
+    assert len(chunk_samples(chunked(cfg, max_samples_per_document=2), tokenizer, "doc", ids, None)) == 2
+
+
+@pytest.mark.parametrize("cut", ["random", "chunks"])
+def test_sampler_resumes_exactly_inside_a_document(cfg, tokenizer, cut):
+    """A batch may end between two chunks of one document; the state says which chunk comes next."""
+    cfg = cfg.model_copy(update={"cut": cut})
+    uninterrupted = Sampler(cfg, tokenizer)
+    for _ in range(3):
+        uninterrupted.take(5)
+    state = uninterrupted.state()
+    if cut == "chunks":
+        assert state["next_chunk"] > 0, "this stream's 15th sample is not a document's last chunk"
+    expected = [uninterrupted.take(5) for _ in range(4)]
+    resumed = Sampler(cfg, tokenizer, json.loads(json.dumps(state)))  # as a checkpoint stores it
+    assert [resumed.take(5) for _ in range(4)] == expected
+    assert resumed.state() == uninterrupted.state()
+
+
+def test_chunks_take_many_stable_unique_samples_per_document(cfg, tokenizer):
+    one = Sampler(cfg, tokenizer).take(1000)
+    many = Sampler(chunked(cfg), tokenizer)
+    samples = many.take(1000)
+    assert len(samples) > 2 * len(one)
+    assert len({s.id for s in samples}) == len(samples)
+    assert samples == Sampler(chunked(cfg), tokenizer).take(1000)
+    assert many.read == 110 and many.skipped == {"empty": 11, "not_text": 11, "too_short": 11}
+    capped = Sampler(chunked(cfg, max_samples_per_document=1), tokenizer).take(1000)
+    assert len(capped) == len(one) and {s.id.rsplit(":", 1)[1] for s in capped} == {"0"}
+
+
+def test_base_documents_do_not_depend_on_the_cut(cfg, tokenizer):
+    assert Sampler(cfg, tokenizer).documents(20, 16) == Sampler(chunked(cfg), tokenizer).documents(20, 16)
+
+
+def test_held_out_cut_follows_the_training_cut(cfg, tokenizer):
+    from sip.train.data import chunk_splits, document_ids
+
+    text = " ".join(f"w{i}" for i in range(120))
+    ids, _ = document_ids(cfg, tokenizer, text)
+    grid = {tuple(ids[split : split + cfg.suffix_tokens]) for split in chunk_splits(chunked(cfg), len(ids))}
+    held_out = [cut_sample(chunked(cfg), tokenizer, f"eval:{k}", text, None) for k in range(20)]
+    assert {tuple(s.suffix_ids) for s in held_out} <= grid
+    assert len({tuple(s.suffix_ids) for s in held_out}) > 1
+
+
+def test_world_documents_cut_into_chunks_keep_their_truth(tmp_path):
+    world_cfg = DataConfig(vocab_size=300, tokenizer_docs=200, cut="chunks")
+    tok = train_tokenizer(world_cfg, tmp_path)
+    sampler = Sampler(world_cfg, tok)
+    samples = sampler.take(60)
+    docs = {s.id.rsplit(":", 1)[0] for s in samples}
+    assert len(docs) < len(samples) / 2, "a world document gives several chunks"
+    by_doc = {}
+    for s in samples:
+        by_doc.setdefault(s.id.rsplit(":", 1)[0], set()).add(s.truth["subject"])
+    assert all(len(subjects) == 1 for subjects in by_doc.values())

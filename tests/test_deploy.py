@@ -17,7 +17,22 @@ from sip.train.cli import app
 from sip.train.config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+TOKEN_SECRET = {"name": "sip-ray-auth", "key": "auth_token"}
+RAY_ENV = {  # every Ray container and the job submitter: token auth, the token from the Secret
+    "RAY_AUTH_MODE": {"value": "token"},
+    "RAY_AUTH_TOKEN": {"valueFrom": {"secretKeyRef": TOKEN_SECRET}},
+    "RAY_USAGE_STATS_ENABLED": {"value": "0"},
+}
+
+
+def manifests(name: str) -> dict[str, dict]:
+    """The documents of one KubeRay file, by kind."""
+    documents = list(yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text()))
+    return {d["kind"]: d for d in documents}
+
+
+def container_env(container: dict) -> dict:
+    return {e["name"]: {k: v for k, v in e.items() if k != "name"} for e in container.get("env", [])}
 
 
 def sip_command_is_accepted(command: str) -> list[str]:
@@ -75,19 +90,30 @@ def test_attach_check_names_what_differs():
     assert problems == ["judge.pairwise: served 'round_robin', this run 'pivot'", "data.world: the served app's differs from this run's"]
 
 
-def test_runtime_env_carries_the_cluster_settings():
+def test_runtime_env_leaves_auth_to_the_cluster():
     env = yaml.safe_load((DEPLOY / "runtime_env.yaml").read_text())
-    assert env["env_vars"] == RAY_ENV
+    assert env["env_vars"] == {"RAY_USAGE_STATS_ENABLED": "0"}, "a job inherits the cluster's auth mode"
     assert {".venv", ".git", "runs"} <= set(env["excludes"])
 
 
+def test_no_deploy_file_turns_auth_off():
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"RAY_AUTH_MODE\W+disabled", text), f"{path} disables Ray auth"
+
+
 def test_kuberay_rayjob_requests_resources_and_runs_a_valid_command():
-    job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    found = manifests("rayjob.yaml")
+    job = found["RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
     overrides = sip_command_is_accepted(job["spec"]["entrypoint"])
-    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"] == RAY_ENV
+    assert "RAY_AUTH_MODE" not in yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     cluster = job["spec"]["rayClusterSpec"]
     check_pods(cluster)
+    submitter = job["spec"]["submitterPodTemplate"]
+    assert container_env(submitter["spec"]["containers"][0]) | {"RAY_USAGE_STATS_ENABLED": {"value": "0"}} == RAY_ENV
+    check_network_policy(found["NetworkPolicy"], cluster, extra_pods=[submitter])
     cpus = sum(int(g["replicas"]) * float(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
                for g in cluster["workerGroupSpecs"])
     cfg = load_config(None, overrides)
@@ -98,8 +124,8 @@ def test_kuberay_rayjob_requests_resources_and_runs_a_valid_command():
 
 def test_kuberay_rayservice_serves_the_sip_serve_config():
     text = (DEPLOY / "kuberay" / "rayservice.yaml").read_text()
-    service = yaml.safe_load(text)
-    assert service["kind"] == "RayService"
+    found = manifests("rayservice.yaml")
+    service = found["RayService"]
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     check_serve_apps(serve_config)
     printed = re.search(r"^#\s+(sip serve --print-config .*)$", text, re.M).group(1)
@@ -110,17 +136,42 @@ def test_kuberay_rayservice_serves_the_sip_serve_config():
     for submit in submits:
         assert {"judge.attach=true", "rewriter.attach=true"} <= set(sip_command_is_accepted(submit))
     check_pods(service["spec"]["rayClusterConfig"])
+    check_network_policy(found["NetworkPolicy"], service["spec"]["rayClusterConfig"])
 
 
 def check_pods(cluster: dict) -> None:
+    assert cluster["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET["name"]}, \
+        "the operator authenticates its dashboard calls with the same Secret"
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
         container = group["template"]["spec"]["containers"][0]
-        assert {e["name"]: e["value"] for e in container["env"]} == RAY_ENV
+        assert container_env(container) == RAY_ENV
         assert container["resources"]["requests"] == container["resources"]["limits"]
         assert group["rayStartParams"]["metrics-export-port"] == "8080"
     assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["requests"]
                for g in cluster["workerGroupSpecs"]), "generators and learner get GPU pods"
+
+
+def check_network_policy(policy: dict, cluster: dict, extra_pods: tuple = ()) -> None:
+    """The policy selects every Ray pod, lets each reach the others on any port, and opens only the
+    dashboard (to the operator's pods) and the metrics port (to a monitoring namespace) beyond them."""
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    head = cluster["headGroupSpec"]["template"]
+    for pod in [head, *(g["template"] for g in cluster["workerGroupSpecs"]), *extra_pods]:
+        assert selector.items() <= pod["metadata"]["labels"].items(), "the policy selects every Ray pod"
+    own, *others = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": selector}}]}
+    opened = {}
+    for rule in others:
+        for peer in rule["from"]:
+            assert peer["namespaceSelector"]["matchLabels"], "only labelled namespaces, never all of them"
+        for port in rule["ports"]:
+            opened.setdefault(port["port"], []).extend(rule["from"])
+    assert set(opened) == {8265, 8080}, "GCS, Serve and Ray's other ports stay inside the cluster"
+    assert [peer["podSelector"]["matchLabels"] for peer in opened[8265]] == [{"app.kubernetes.io/name": "kuberay-operator"}]
+    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert head_ports["dashboard"] == 8265 and head_ports["metrics"] == 8080, "the ports the policy opens"
 
 
 def test_cluster_launcher_config_matches_rays_schema():
@@ -129,7 +180,8 @@ def test_cluster_launcher_config_matches_rays_schema():
     jsonschema.validate(config, schema)
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
-            assert all(f"{k}={v}" in command for k, v in RAY_ENV.items())
+            assert "RAY_AUTH_MODE=token" in command and "RAY_USAGE_STATS_ENABLED=0" in command
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, "every node gets the token"
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
     text = (DEPLOY / "cluster.yaml").read_text()
     commands = re.findall(r"(sip (?:serve|train) .*)$", text, re.M)

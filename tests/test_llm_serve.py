@@ -87,5 +87,5 @@ def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["judge_calls"] > 0 and 0 <= r["judge_parse_failures"] <= r["judge_calls"]
+        assert r["judge_calls"] > 0 and 0 <= r["judge_failures"] <= r["judge_calls"]
     assert summary["samples"]["fed"] == 4 and summary["samples"]["lost"] == 0

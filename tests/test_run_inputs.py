@@ -90,3 +90,11 @@ def test_an_output_folder_holding_another_run_is_refused_unless_overwritten(tmp_
 def test_gpus_the_cluster_lacks_are_refused_instead_of_waiting_forever(tmp_path):
     done, seconds = sip("train", *TINY, "judge.num_gpus=1", f"--output-dir={tmp_path / 'run'}")
     assert_refused(done, seconds, "needs 1 GPUs", "the cluster has 0", within=60)
+
+
+def test_a_data_file_in_another_encoding_is_refused_naming_the_setting(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\n".join(b'{"text": "Caf\xe9 %d pr\xe8s de la rivi\xe8re et des for\xeats."}' % i for i in range(30)))
+    done, seconds = sip("train", "data.source=hf", "data.hf.path=json", f"data.hf.data_files={path}",
+                        f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, f"{path} is not UTF-8", "data.hf.encoding=latin-1", within=10)

@@ -14,29 +14,42 @@ import time
 from pathlib import Path
 
 from sip.train.config import SipConfig
+from sip.train.data import DataError, Sampler, check_source, data_fingerprint, load_or_train_tokenizer
 
 INFO_FILE = "base.json"
 
 
 def base_key(cfg: SipConfig) -> str:
-    """Everything that changes the base, and nothing that does not (threads, CPUs, cache place)."""
+    """Everything that changes the base, and nothing that does not (threads, CPUs, cache place, how
+    SIP later cuts samples): the config, and the fingerprint of the data files it reads."""
     parts = {
-        "data": cfg.data.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document"}),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
         "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s"}),
     }
+    fingerprint = data_fingerprint(cfg.data)
+    if fingerprint is not None:
+        parts["data_source"] = fingerprint
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_base(cfg: SipConfig) -> tuple[Path, dict]:
-    """The cached base folder for this config, built first (as a Ray task) if it is not there yet."""
+    """The cached base folder for this config, built first (as a Ray task) if it is not there yet.
+
+    The data source is checked here, in the driver, so a missing or mis-encoded file stops the run
+    with a DataError before the build starts."""
     import ray
 
+    check_source(cfg.data)
     folder = Path(cfg.base.cache_dir).expanduser() / f"base-{base_key(cfg)}"
     if not (folder / INFO_FILE).exists():
         building = folder.with_name(f"{folder.name}.building-{time.time_ns()}")
         task = ray.remote(pretrain_base).options(num_cpus=cfg.base.num_cpus)
-        ray.get(task.remote(cfg, str(building)), timeout=cfg.base.timeout_s)
+        try:
+            ray.get(task.remote(cfg, str(building)), timeout=cfg.base.timeout_s)
+        except DataError as err:  # raised in the task: its message, without the remote traceback
+            shutil.rmtree(building, ignore_errors=True)
+            raise DataError(str(getattr(err, "cause", err))) from None
         if (folder / INFO_FILE).exists():  # another run built it meanwhile
             shutil.rmtree(building)
         else:
@@ -50,7 +63,6 @@ def pretrain_base(cfg: SipConfig, out_dir: str) -> dict:
 
     from sip.actors.learner import warmup_cosine
     from sip.actors.policy import build_policy
-    from sip.train.data import Sampler, load_or_train_tokenizer
     from sip.train.losses import nll_loss, target_logprobs
 
     torch.set_num_threads(cfg.base.torch_threads)

@@ -31,6 +31,7 @@ from sip.actors.learner_group import LearnerDied, LearnerGroup
 from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
 from sip.train.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
 from sip.train.config import SipConfig, dump_config
+from sip.train.data import DataError, check_source
 from sip.train.ledger import BatchLedger, Entry
 from sip.train.records import SOURCES, Batch, JudgedBatch, TrainExample
 from sip.train.selection import select, skip_reason
@@ -86,17 +87,19 @@ class TrainingRun:
                 finally:
                     self.pool.shutdown()
                     self.learner.shutdown()
-        except ClusterError as err:
+        except (ClusterError, DataError) as err:
             raise PipelineError(str(err)) from None
 
     # ---- before anything starts -----------------------------------------------------------------
 
     def _check_inputs(self) -> dict | None:
-        """A resume checkpoint that is whole and ours, and an output folder that holds no other run."""
+        """Data files that exist and decode, a resume checkpoint that is whole and ours, and an output
+        folder that holds no other run."""
         try:
+            check_source(self.cfg.data)
             self.resume = resolve_resume(self.cfg)
             state = check_resumable(self.resume, self.cfg) if self.resume else None
-        except CheckpointError as err:
+        except (CheckpointError, DataError) as err:
             raise PipelineError(str(err)) from None
         previous = [name for name in ("config.yaml", "metrics.jsonl") if (self.out / name).exists()]
         continuing = self.resume is not None and self.out.resolve() in self.resume.resolve().parents
@@ -214,7 +217,10 @@ class TrainingRun:
     def _feed(self) -> None:
         """Take new batches from the stream while the staleness bound allows, and hand out every batch waiting."""
         while self.ledger.wants_new_batch():
-            samples = self.sampler.take(self.cfg.train.batch_size)
+            try:
+                samples = self.sampler.take(self.cfg.train.batch_size)
+            except DataError as err:
+                self._fail(str(err))
             if not samples:
                 self._fail(f"the data stream ended after {self.sampler.read} documents")
             self.ledger.add(samples, self.sampler.state())
