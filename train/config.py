@@ -296,7 +296,6 @@ class TrainConfig(Section):
 class PipelineConfig(Section):
     mode: Literal["async", "sync"] = "async"
     max_staleness: int = Field(1, ge=0, description="policy versions a rollout may lag the learner")
-    queue_size: int = Field(2, ge=1, description="batches each queue holds before producers wait")
     timeout_s: float = Field(300.0, gt=0, description="limit on every wait across actors")
     request_timeout_s: float = Field(
         120.0, gt=0, description="limit on one judge or rewriter request; a request that passes it is retried"
