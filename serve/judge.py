@@ -1,8 +1,16 @@
 """The judge deployment: turns a backend's primitive verdicts into one reward per candidate.
 
-Quality is pairwise (round robin over all candidate pairs → win rate, or every candidate against
-one pivot), safety and factuality are pointwise; the reward is the weighted mean of the objectives.
-Identical texts are judged once, and identical pairs tie without a call.
+Quality is pairwise, by one of three protocols (`judge.pairwise`):
+- round_robin: every pair of candidates; a candidate's quality is its win rate (win 1, tie ½);
+- pivot: every candidate against one pivot (the suffix or the rewrite); the same win rate;
+- tournament: Swiss rounds, then a playoff among the leaders and one among the last, to find the
+  best and the worst with a fraction of the comparisons (at 18 texts at most 51, round robin 153);
+  a candidate's quality is its place in the final standing, as the share of the other candidates it
+  finished above (a tie with one counts ½): 1 the champion, 0 the last, in [0, 1] like a win rate,
+  which it equals for a noise-free judge that ranks every text apart. Only the ends are decided with
+  care; the order in the middle is rough.
+Safety and factuality are pointwise; the reward is the weighted mean of the objectives. Copies of a
+text are judged once and share its scores, and no ordered pair of texts is asked twice in a sample.
 
 A judgment that gives no verdict (the backend's retries included) is never a free win: it scores
 the worst value for what it judged (0 for a pointwise verdict, a loss for both sides of a failed
@@ -11,6 +19,7 @@ comparison), and the candidates it concerned are marked incomplete, so selection
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from itertools import combinations
 from statistics import mean
@@ -45,10 +54,147 @@ class JudgeResult:
     failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict
 
 
-def quality_pairs(n: int, pivot: int | None) -> list[tuple[int, int]]:
-    if pivot is None:
-        return list(combinations(range(n), 2))
-    return [(pivot, j) for j in range(n) if j != pivot]
+class _Sample:
+    """One task's distinct candidate texts and every verdict asked for so far, by ordered pair of
+    text indices: copies of a text are judged once and share its score, and no ordered pair is
+    asked twice."""
+
+    def __init__(self, task: JudgeTask):
+        self.passage = task.passage
+        self.texts = list(dict.fromkeys(task.candidates))
+        position = {text: u for u, text in enumerate(self.texts)}
+        self.of_candidate = [position[text] for text in task.candidates]
+        self.pivot = None if task.pivot is None else self.of_candidate[task.pivot]
+        self.verdicts: dict[tuple[int, int], Verdict] = {}
+        self.failed: set[int] = set()
+        self.calls = self.failures = 0
+        self.rng = random.Random("\x00".join([task.passage.prefix, *self.texts]))
+
+
+def _round_robin(m: int, both_orders: bool, pivot: int | None = None, rng: random.Random | None = None):
+    """Every pair, or every text against the pivot; a text's score is its mean outcome (win 1, tie
+    ½, loss 0). With `rng`, each pair is asked in a random order instead of the list's."""
+    pairs = list(combinations(range(m), 2)) if pivot is None else [(pivot, u) for u in range(m) if u != pivot]
+    if rng is not None:
+        pairs = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in pairs]
+    asked = pairs + ([(b, a) for a, b in pairs] if both_orders else [])
+    verdicts = yield asked
+    outcomes: list[list[float]] = [[] for _ in range(m)]
+    for (a, b), v in zip(asked, verdicts, strict=True):
+        outcomes[a].append(0.0 if v is None else v)
+        outcomes[b].append(0.0 if v is None else 1 - v)
+    return [mean(o) for o in outcomes]
+
+
+def _tally(points: list[float], asked: list[tuple[int, int]], verdicts: list[Verdict]) -> None:
+    for (a, b), v in zip(asked, verdicts, strict=True):
+        points[a] += 0.0 if v is None else v  # a failed comparison: no point for either side
+        points[b] += 0.0 if v is None else 1 - v
+
+
+def _swiss_pairs(points: list[float], tiebreak: list[float], played: set[frozenset[int]]) -> list[tuple[int, int]]:
+    """Neighbours in the standing play each other, avoiding rematches where a later neighbour allows;
+    with an odd count the middle text sits the round out (it can be neither best nor worst)."""
+    order = sorted(range(len(points)), key=lambda u: (-points[u], tiebreak[u]))
+    if len(order) % 2:
+        order.pop(len(order) // 2)
+    pairs = []
+    while order:
+        a = order.pop(0)
+        k = next((k for k, b in enumerate(order) if frozenset((a, b)) not in played), 0)
+        b = order.pop(k)
+        played.add(frozenset((a, b)))
+        pairs.append((a, b))
+    return pairs
+
+
+def tournament_calls(m: int, cfg: JudgeConfig) -> int:
+    """The most comparisons the tournament's Swiss rounds and playoffs can ask for m distinct texts."""
+    orders = 2 if cfg.both_orders else 1
+    t = cfg.tournament_finalists
+    return min(cfg.tournament_rounds, m - 1) * (m // 2) * orders + 2 * t * (t - 1)
+
+
+def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
+    """Best and worst with few comparisons: Swiss rounds, then a playoff at each end.
+
+    Every round pairs texts with equal records (one comparison each, in a random order, so position
+    bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
+    instead of knocking it out. After `tournament_rounds` rounds the top and the bottom
+    `tournament_finalists` of the standing each play a round robin in both orders (a pair met in
+    the Swiss rounds is asked only in its other order). The final standing puts the top playoff
+    above the rest above the bottom playoff, each ranked by all the points it scored. Where that
+    could ask as many comparisons as round robin (few texts), it is a round robin in random orders.
+    """
+    # also whenever the two playoffs would overlap (m < 2 * finalists): then the playoffs alone cost that much
+    if tournament_calls(m, cfg) >= m * (m - 1) // 2:
+        return (yield from _round_robin(m, cfg.both_orders, rng=rng))
+    swiss = [0.0] * m
+    tiebreak = [rng.random() for _ in range(m)]
+    played: set[frozenset[int]] = set()
+    for _ in range(min(cfg.tournament_rounds, m - 1)):
+        pairs = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in _swiss_pairs(swiss, tiebreak, played)]
+        asked = pairs + ([(b, a) for a, b in pairs] if cfg.both_orders else [])
+        _tally(swiss, asked, (yield asked))
+    order = sorted(range(m), key=lambda u: (-swiss[u], tiebreak[u]))
+    t = cfg.tournament_finalists
+    top, bottom = order[:t], order[-t:]
+    asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
+    playoff = [0.0] * m
+    _tally(playoff, asked, (yield asked))
+    group = [1] * m
+    for u in top:
+        group[u] = 2
+    for u in bottom:
+        group[u] = 0
+    standing = [(group[u], playoff[u] + swiss[u]) for u in range(m)]
+    return [
+        (sum(s < standing[u] for s in standing) + 0.5 * (sum(s == standing[u] for s in standing) - 1)) / (m - 1)
+        for u in range(m)
+    ]
+
+
+def _protocol(sample: _Sample, cfg: JudgeConfig):
+    m = len(sample.texts)
+    if cfg.pairwise == "tournament":
+        return _tournament(m, cfg, sample.rng)
+    return _round_robin(m, cfg.both_orders, pivot=sample.pivot if cfg.pairwise == "pivot" else None)
+
+
+async def _quality(backend: JudgeBackend, samples: list[_Sample], cfg: JudgeConfig) -> list[list[float | None]]:
+    """Each sample's quality score per distinct text, its protocol's rounds batched over the samples
+    into one backend call per round."""
+    results: list[list[float | None] | None] = [None] * len(samples)
+    plays, asked = {}, {}
+    for s, sample in enumerate(samples):
+        if len(sample.texts) == 1:  # copies of one text tie; a lone candidate has nothing to be compared with
+            results[s] = [None if len(sample.of_candidate) == 1 else 0.5]
+        else:
+            plays[s] = _protocol(sample, cfg)
+            asked[s] = next(plays[s])
+    while asked:
+        queries, slots = [], []
+        for s, pairs in asked.items():
+            sample = samples[s]
+            for pair in dict.fromkeys(pairs):
+                if pair not in sample.verdicts:
+                    a, b = pair
+                    queries.append((sample.passage, sample.texts[a], sample.texts[b]))
+                    slots.append((sample, pair))
+        verdicts = await backend.compare(queries) if queries else []
+        for (sample, pair), v in zip(slots, verdicts, strict=True):
+            sample.verdicts[pair] = v
+            sample.calls += 1
+            if v is None:  # a loss for both sides: dodging a comparison never pays
+                sample.failures += 1
+                sample.failed.update(pair)
+        for s, pairs in list(asked.items()):
+            try:
+                asked[s] = plays[s].send([samples[s].verdicts[pair] for pair in pairs])
+            except StopIteration as done:
+                results[s] = done.value
+                del asked[s]
+    return results
 
 
 async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeConfig) -> list[JudgeResult]:
@@ -59,34 +205,12 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
     scores: list[dict[str, list[float | None]]] = [{} for _ in tasks]
 
     if "quality" in weights:
-        outcomes: list[list[list[float]]] = [[[] for _ in t.candidates] for t in tasks]
-        queries, slots = [], []
-        for t, task in enumerate(tasks):
-            pivot = task.pivot if cfg.pairwise == "pivot" else None
-            for i, j in quality_pairs(len(task.candidates), pivot):
-                a, b = task.candidates[i], task.candidates[j]
-                if a == b:
-                    outcomes[t][i].append(0.5)
-                    outcomes[t][j].append(0.5)
-                else:
-                    queries.append((task.passage, a, b))
-                    slots.append((t, i, j))
-                    if cfg.both_orders:  # the same pair with the options swapped: cancels position bias
-                        queries.append((task.passage, b, a))
-                        slots.append((t, j, i))
-        verdicts = await backend.compare(queries) if queries else []
-        for (t, i, j), v in zip(slots, verdicts, strict=True):
-            calls[t] += 1
-            if v is None:  # a loss for both sides: dodging a comparison never pays
-                failures[t] += 1
-                complete[t][i] = complete[t][j] = False
-                outcomes[t][i].append(0.0)
-                outcomes[t][j].append(0.0)
-            else:
-                outcomes[t][i].append(v)
-                outcomes[t][j].append(1 - v)
-        for t, task_outcomes in enumerate(outcomes):
-            scores[t]["quality"] = [mean(o) if o else None for o in task_outcomes]
+        samples = [_Sample(task) for task in tasks]
+        for t, (sample, quality) in enumerate(zip(samples, await _quality(backend, samples, cfg), strict=True)):
+            calls[t] += sample.calls
+            failures[t] += sample.failures
+            scores[t]["quality"] = [quality[u] for u in sample.of_candidate]
+            complete[t] = [u not in sample.failed for u in sample.of_candidate]
 
     for objective in POINTWISE:
         if objective not in weights:

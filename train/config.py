@@ -242,9 +242,16 @@ class JudgeConfig(DeploymentConfig):
         default_factory=lambda: {"quality": 1.0, "factuality": 1.0, "safety": 1.0},
         description="objectives and their weights in the combined reward",
     )
-    pairwise: Literal["round_robin", "pivot"] = "round_robin"
+    pairwise: Literal["round_robin", "pivot", "tournament"] = Field(
+        "round_robin",
+        description="quality protocol: every pair, every candidate against a pivot, or a best-and-worst tournament (serve/judge.py)",
+    )
     pivot: Literal["suffix", "rewrite"] = "suffix"
     both_orders: bool = Field(False, description="judge every pair in both orders to cancel position bias (2x calls)")
+    tournament_rounds: int = Field(3, ge=1, description="tournament: Swiss rounds before the playoffs")
+    tournament_finalists: int = Field(
+        4, ge=2, description="tournament: texts in the top and in the bottom playoff, each a round robin in both orders"
+    )
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,
         description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",

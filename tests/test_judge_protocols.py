@@ -1,0 +1,137 @@
+"""The tournament protocol (judge.pairwise=tournament) beside round robin: it finds the best and the
+worst with at most a third of round robin's comparisons, judges copies of a text once, batches each
+round over the tasks, and never lets a failed comparison win (serve/judge.py)."""
+
+import asyncio
+import random
+from itertools import islice
+
+import pytest
+
+from sip.serve.backends import Passage
+from sip.serve.judge import JudgeTask, score_tasks
+from sip.serve.world_teacher import WorldTeacher
+from sip.train.config import DataConfig, WorldConfig, load_config
+from sip.train.records import Candidate, JudgedSample, Sample
+from sip.train.selection import select
+from sip.train.world import World
+
+PASSAGE = Passage("prefix", "suffix")
+
+
+class Ranked:
+    """Compares texts by known scores, noise-free: the higher score wins. Records every request;
+    texts in `fails` get no verdict in any comparison."""
+
+    def __init__(self, score, fails=()):
+        self.score, self.fails = score, set(fails)
+        self.requests: list[list[tuple[str, str]]] = []
+
+    async def compare(self, queries):
+        self.requests.append([(a, b) for _, a, b in queries])
+        return [None if {a, b} & self.fails else float(self.score[a] > self.score[b]) for _, a, b in queries]
+
+    @property
+    def asked(self):
+        return [pair for request in self.requests for pair in request]
+
+
+def judge(*overrides):
+    return load_config(None, ["judge.weights={quality: 1}", *overrides]).judge
+
+
+def distinct_texts(n, seed):
+    rng = random.Random(seed)
+    texts = [f"text {i}" for i in range(n)]
+    rng.shuffle(texts)
+    return texts, {t: rng.random() for t in texts}
+
+
+def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_the_calls():
+    for seed in range(20):
+        texts, score = distinct_texts(18, seed)
+        backend = Ranked(score)
+        [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, texts)], judge("judge.pairwise=tournament")))
+        best, worst = max(texts, key=score.get), min(texts, key=score.get)
+        assert texts[r.reward.index(max(r.reward))] == best and r.reward.count(max(r.reward)) == 1
+        assert texts[r.reward.index(min(r.reward))] == worst and r.reward.count(min(r.reward)) == 1
+        assert max(r.reward) == 1.0 and min(r.reward) == 0.0 and all(0 <= q <= 1 for q in r.scores["quality"])
+        assert r.calls == len(backend.asked) == len(set(backend.asked)) <= 153 // 3
+        assert r.failures == 0 and all(r.complete)
+    [rr] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts)], judge()))
+    assert rr.calls == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
+
+
+def test_few_texts_cost_no_more_than_round_robin_and_get_the_exact_ranking():
+    for n in (2, 3, 6, 9, 10):
+        texts, score = distinct_texts(n, n)
+        [t] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts)], judge("judge.pairwise=tournament")))
+        [rr] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts)], judge()))
+        assert t.calls <= rr.calls == n * (n - 1) // 2
+        assert texts[t.reward.index(1.0)] == max(texts, key=score.get)
+        assert texts[t.reward.index(0.0)] == min(texts, key=score.get)
+
+
+def test_each_round_is_one_batched_request_over_all_tasks():
+    tasks, scores = [], {}
+    for seed in range(5):
+        texts, score = distinct_texts(18, seed)
+        tasks.append(JudgeTask(Passage(f"prefix {seed}", "suffix"), texts))
+        scores.update(score)
+    backend = Ranked(scores)
+    results = asyncio.run(score_tasks(backend, tasks, judge("judge.pairwise=tournament", "judge.tournament_rounds=3")))
+    assert len(backend.requests) == 3 + 1  # three Swiss rounds and the playoffs, each one request
+    assert len(backend.requests[0]) == 5 * 9  # every task's first round in the first request
+    assert sum(r.calls for r in results) == len(backend.asked)
+
+
+@pytest.mark.parametrize("protocol", ["round_robin", "pivot", "tournament"])
+def test_copies_of_a_text_are_judged_once_and_share_its_score(protocol):
+    texts, score = distinct_texts(12, 1)
+    candidates = texts + texts[:4] + [texts[0]]  # the pivot's text is copied too
+    backend = Ranked(score)
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, candidates, pivot=0)], judge(f"judge.pairwise={protocol}")))
+    assert len(backend.asked) == len(set(backend.asked)) == r.calls and all(a != b for a, b in backend.asked)
+    for i, text in enumerate(candidates):
+        assert r.reward[i] == r.reward[candidates.index(text)]
+    if protocol == "round_robin":
+        assert r.calls == 12 * 11 // 2
+    [copies] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["same", "same"])], judge(f"judge.pairwise={protocol}")))
+    assert copies.calls == 0 and copies.scores["quality"] == [0.5, 0.5] and copies.complete == [True, True]
+
+
+def test_a_text_whose_comparisons_fail_never_wins_and_takes_its_opponents_out_of_the_choice():
+    texts, score = distinct_texts(18, 3)
+    best = max(texts, key=score.get)
+    backend = Ranked(score, fails={best})
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, texts)], judge("judge.pairwise=tournament")))
+    met = {b if a == best else a for a, b in backend.asked if best in (a, b)}
+    assert r.failures == sum(best in pair for pair in backend.asked) > 0
+    assert [not ok for ok in r.complete] == [t == best or t in met for t in texts]
+    assert r.reward[texts.index(best)] < 0.5  # every comparison it was in counted as its loss
+    sample = Sample("s", [0], [0], PASSAGE.prefix, PASSAGE.suffix)
+    cands = [Candidate("rollout", [i], t) for i, t in enumerate(texts)]
+    example = select(JudgedSample(sample, cands, r.reward, r.scores, r.complete), "dpo", seed=0)
+    chosen = texts[example.chosen_ids[0]]
+    assert chosen != best and chosen not in met and all(0 <= x <= 1 for x in r.reward)
+
+
+def test_on_world_text_the_tournament_chooses_what_the_world_teacher_scores_highest():
+    teacher = WorldTeacher.from_config(DataConfig())
+    world = World.from_config(WorldConfig())
+    docs = list(islice((d for d in world.documents(0) if d.corruption is None and len(d.text.split()) > 80), 6))
+    rng = random.Random(0)
+    for doc, other in zip(docs, docs[1:]):
+        words = doc.text.split()
+        passage = Passage(" ".join(words[:30]), " " + " ".join(words[30:50]), {"subject": doc.subject})
+        own = passage.suffix.split()
+        salads = [rng.sample(own, len(own)) for _ in range(4)]
+        loops = [(own[:k] * 20)[: len(own)] for k in (2, 3, 4)]
+        elsewhere = [other.text.split()[k : k + len(own)] for k in (0, 7, 15, 30)]
+        candidates = [passage.suffix] + [" " + " ".join(w) for w in salads + loops + elsewhere]
+        assert len(set(candidates)) == 12
+        truth = [teacher.quality_score(passage.prefix, c, doc.subject) for c in candidates]
+        [r] = asyncio.run(score_tasks(teacher, [JudgeTask(passage, candidates)], judge("judge.pairwise=tournament")))
+        chosen, rejected = r.reward.index(max(r.reward)), r.reward.index(min(r.reward))
+        assert truth[chosen] >= max(truth) - 0.05 and truth[rejected] <= min(truth) + 0.05  # the teacher ties closer texts
+        assert r.calls < 12 * 11 // 2
