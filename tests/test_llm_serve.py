@@ -55,8 +55,8 @@ def test_judge_and_rewriter_deployments_run_the_backend(backend, smollm2, reques
     try:
         candidates = [PASSAGE.suffix, " Quito, you fool.", " Lima, on the coast."]
         result = judge.score.remote(JudgeTask(PASSAGE, candidates)).result(timeout_s=600)
-        # 2 distinct pairs x both orders (the identical pair ties without a call) + 2 distinct texts x 2 objectives
-        assert result.calls == 2 * 2 + 2 + 2
+        # 2 distinct texts (the suffix and its copy are judged once): 1 pair x both orders + 2 texts x 2 objectives
+        assert result.calls == 1 * 2 + 2 + 2
         assert 0 <= result.failures < result.calls  # the prefilled verdict lines parse, at least mostly
         assert len(result.reward) == 3 and all(0 <= r <= 1 for r in result.reward)
         assert result.scores["safety"][0] == result.scores["safety"][2]  # one judgment for identical texts
