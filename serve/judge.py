@@ -75,15 +75,23 @@ def _round_robin(m: int, both_orders: bool, pivot: int | None = None, rng: rando
     """Every pair, or every text against the pivot; a text's score is its mean outcome (win 1, tie
     ½, loss 0). With `rng`, each pair is asked in a random order instead of the list's."""
     pairs = list(combinations(range(m), 2)) if pivot is None else [(pivot, u) for u in range(m) if u != pivot]
-    if rng is not None:
-        pairs = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in pairs]
-    asked = pairs + ([(b, a) for a, b in pairs] if both_orders else [])
+    asked = _orders(_random_order(pairs, rng) if rng is not None else pairs, both_orders)
     verdicts = yield asked
     outcomes: list[list[float]] = [[] for _ in range(m)]
     for (a, b), v in zip(asked, verdicts, strict=True):
         outcomes[a].append(0.0 if v is None else v)
         outcomes[b].append(0.0 if v is None else 1 - v)
     return [mean(o) for o in outcomes]
+
+
+def _random_order(pairs: list[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
+    """Each pair with its two texts in a random order, so position bias is noise, not a side taken."""
+    return [(b, a) if rng.random() < 0.5 else (a, b) for a, b in pairs]
+
+
+def _orders(pairs: list[tuple[int, int]], both_orders: bool) -> list[tuple[int, int]]:
+    """The comparisons to ask: each pair, and with `both_orders` also swapped (cancels position bias)."""
+    return pairs + ([(b, a) for a, b in pairs] if both_orders else [])
 
 
 def _tally(points: list[float], asked: list[tuple[int, int]], verdicts: list[Verdict]) -> None:
@@ -133,8 +141,7 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
     tiebreak = [rng.random() for _ in range(m)]
     played: set[frozenset[int]] = set()
     for _ in range(min(cfg.tournament_rounds, m - 1)):
-        pairs = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in _swiss_pairs(swiss, tiebreak, played)]
-        asked = pairs + ([(b, a) for a, b in pairs] if cfg.both_orders else [])
+        asked = _orders(_random_order(_swiss_pairs(swiss, tiebreak, played), rng), cfg.both_orders)
         _tally(swiss, asked, (yield asked))
     order = sorted(range(m), key=lambda u: (-swiss[u], tiebreak[u]))
     t = cfg.tournament_finalists

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sip.train.config import SipConfig
-from sip.train.data import DataError, Sampler, check_source, data_fingerprint, load_or_train_tokenizer
+from sip.train.data import DataError, Sampler, data_fingerprint, load_or_train_tokenizer
 
 INFO_FILE = "base.json"
 
@@ -35,12 +35,10 @@ def base_key(cfg: SipConfig) -> str:
 
 def ensure_base(cfg: SipConfig) -> tuple[Path, dict]:
     """The cached base folder for this config, built first (as a Ray task) if it is not there yet.
-
-    The data source is checked here, in the driver, so a missing or mis-encoded file stops the run
-    with a DataError before the build starts."""
+    The run has checked the data source before (TrainingRun._check_inputs); a reader that fails in
+    the task is a DataError here, with its message and without the remote traceback."""
     import ray
 
-    check_source(cfg.data)
     folder = Path(cfg.base.cache_dir).expanduser() / f"base-{base_key(cfg)}"
     if not (folder / INFO_FILE).exists():
         building = folder.with_name(f"{folder.name}.building-{time.time_ns()}")
