@@ -24,7 +24,7 @@ from sip.actors.weight_sync import make_weight_sync
 from sip.serve.backends import Passage
 from sip.serve.judge import JudgeResult, JudgeTask
 from sip.train.config import SipConfig
-from sip.train.metrics import RolloutMetrics, run_name
+from sip.train.metrics import RolloutMetrics, run_tags
 from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Rollout, Sample
 
 
@@ -127,7 +127,7 @@ class RolloutWorker:
         self._engine_lock = asyncio.Lock()
         self.apps = apps
         self.judge = self.rewriter = None
-        self.metrics = RolloutMetrics(run_name(cfg), worker_id)
+        self.metrics = RolloutMetrics(run_tags(cfg), worker_id)
 
     def _handles(self) -> None:
         from ray import serve

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from sip.actors.policy import build_policy, greedy_batched, to_wire
-from sip.train.checkpoint import REFERENCE_DIR, complete, fingerprint, link_or_copy_tree, load_sharded, read_state, save_sharded, write_state
+from sip.train.checkpoint import (REFERENCE_DIR, CheckpointWriteError, complete, fingerprint, link_or_copy_tree, load_sharded,
+                                  read_state, save_sharded, space_shortage, write_state, writing)
 from sip.train.config import SipConfig
 from sip.train.losses import dpo_terms, target_logprobs
 from sip.train.records import TrainExample
@@ -228,30 +229,50 @@ class LearnerRank:
         return [row for part in parts for row in part]
 
     def save(self, partial: str, final: str, extra: dict) -> str:
-        """Write a checkpoint into `partial` and, once whole, move it to `final` (rank 0)."""
+        """Write a checkpoint into `partial` and, once whole, move it to `final` (rank 0).
+
+        A failure raises on every rank and removes `partial`; a full disk, checked before writing
+        and met while writing, is a CheckpointWriteError naming the folder and the space needed."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         folder = Path(partial)
         policy = self._full_state(self.model)
         reference = self._full_state(self.reference) if self.reference is not None and self._reference_saved is None else None
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        save_sharded({"model": model_state, "optimizer": optimizer_state}, folder)
-        rng: list = [None] * self.world_size
-        dist.all_gather_object(rng, base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
-        if self.rank == 0:
-            self.model.save_pretrained(folder, state_dict=policy)
-            self.tokenizer.save_pretrained(folder)
-            if self.reference is not None:
-                if self._reference_saved is not None:
-                    link_or_copy_tree(self._reference_saved, folder / REFERENCE_DIR)
-                else:
-                    self.reference.save_pretrained(folder / REFERENCE_DIR, state_dict=reference)
-            write_state(folder, {"version": self.version, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                                 "fingerprint": fingerprint(self.cfg), "extra": extra})
-            complete(folder, Path(final))
+        sharded = {"model": model_state, "optimizer": optimizer_state}
+        need = _nbytes(policy) + _nbytes(reference) + _nbytes(sharded)
+        # rank 0 judges the free space, so that every rank starts writing or none does
+        rng_and_space: list = [None] * self.world_size
+        dist.all_gather_object(rng_and_space, (base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                                               space_shortage(folder, need) if self.rank == 0 else None))
+        rng, shortage = [r for r, _ in rng_and_space], rng_and_space[0][1]
+        if shortage:
+            raise CheckpointWriteError(shortage)
+        with writing(folder, need):
+            save_sharded(sharded, folder)  # a failure on any rank raises on every rank
+            failure = None
+            if self.rank == 0:
+                try:
+                    self.model.save_pretrained(folder, state_dict=policy)
+                    self.tokenizer.save_pretrained(folder)
+                    if self.reference is not None:
+                        if self._reference_saved is not None:
+                            link_or_copy_tree(self._reference_saved, folder / REFERENCE_DIR)
+                        else:
+                            self.reference.save_pretrained(folder / REFERENCE_DIR, state_dict=reference)
+                    write_state(folder, {"version": self.version, "scheduler": self.scheduler.state_dict(), "rng": rng,
+                                         "fingerprint": fingerprint(self.cfg), "extra": extra})
+                    complete(folder, Path(final))
+                except Exception as err:
+                    failure = err
+            failures: list = [None] * self.world_size  # the other ranks learn that rank 0 failed instead of waiting
+            dist.all_gather_object(failures, None if failure is None else str(failure))
+            if failure is not None:
+                raise failure
+            if failures[0] is not None:
+                raise CheckpointWriteError(f"rank 0 could not write the checkpoint {folder}: {failures[0]}")
         if self.reference is not None:
             self._reference_saved = Path(final) / REFERENCE_DIR
-        dist.barrier()
         return final
 
     # ---- NCCL weight sync (GPU) -----------------------------------------------------------------
@@ -270,6 +291,15 @@ class LearnerRank:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _nbytes(state) -> int:
+    """The bytes of the tensors in a nested state dict (a DTensor counts whole)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        state = list(state.values())
+    return sum(_nbytes(item) for item in state) if isinstance(state, (list, tuple)) else 0
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from sip.actors.weight_sync import WeightUpdate, make_weight_sync
-from sip.train.checkpoint import partial_dir
+from sip.train.checkpoint import CheckpointError, partial_dir
 from sip.train.config import SipConfig
 from sip.train.records import TrainExample
 
@@ -43,7 +43,15 @@ class LearnerGroup:
         t, n = self.cfg.train, self.cfg.train.num_learners
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self._placement = placement_group([bundle] * n, strategy="PACK")
-        ray.get(self._placement.ready(), timeout=self.timeout)
+        try:
+            ray.get(self._placement.ready(), timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            from sip.train.cluster import ClusterError, resource_report
+
+            report = resource_report()
+            self.shutdown()
+            raise ClusterError(f"the placement group of {n} learner ranks ({bundle} each) was not placed within "
+                               f"pipeline.timeout_s={self.timeout:g}s; {report}") from None
         actor = ray.remote(LearnerRank)
         self.ranks = [
             actor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
@@ -57,10 +65,14 @@ class LearnerGroup:
 
     def _get(self, refs: list, what: str) -> list:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
             return ray.get(refs, timeout=self.timeout)
+        except RayTaskError as err:
+            if isinstance(err.cause, CheckpointError):  # e.g. a full disk: the rank says where and how much
+                raise CheckpointError(str(err.cause)) from None
+            raise
         except RayActorError as err:
             raise LearnerDied(f"a learner rank died during {what}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
         except GetTimeoutError:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from sip.train.config import ConfigError, DataConfig, HFDataConfig, SipConfig, load_config
-from sip.train.data import DataError, Sampler, iter_documents, train_tokenizer
+from sip.train.data import DataError, Sampler, check_source, iter_documents, train_tokenizer
 
 
 def hf_config(path, builder="json", **hf) -> DataConfig:
@@ -100,6 +100,16 @@ def test_missing_data_file_is_named_before_anything_is_read(tmp_path):
     cfg = SipConfig(data=hf_config(tmp_path / "nowhere" / "*.jsonl"))
     with pytest.raises(DataError, match=r"data.hf.data_files: no file matches .*nowhere"):
         ensure_base(cfg)  # checked in the driver, before a build task starts
+
+
+def test_a_directory_as_data_file_is_refused_before_anything_is_read(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": docs(i)}) for i in range(3)))
+    for data_files in (str(tmp_path), [str(tmp_path / "docs.jsonl"), str(tmp_path)]):
+        cfg = DataConfig(source="hf", hf=HFDataConfig(path="json", data_files=data_files, eval_docs=1))
+        with pytest.raises(DataError, match=rf"'{tmp_path}' is a directory, not a data file; .* e.g. "
+                                            rf"data.hf.data_files={tmp_path}/\*.jsonl"):
+            check_source(cfg)
+    assert len(list(iter_documents(hf_config(tmp_path / "*.jsonl")))) == 2, "the glob it suggests reads the files"
 
 
 def test_a_reader_failure_mid_stream_names_the_source(tmp_path):

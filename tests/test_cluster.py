@@ -2,131 +2,26 @@
 the cluster's metrics endpoint, and a run attached to a long-lived judge survives rescaling it."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
-import psutil
 import pytest
+from cluster_head import start_head
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import TINY
 
 from sip.train.cluster import serve_details
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.filterwarnings("ignore")]
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH = 4  # train.batch_size in TINY
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-class Cluster:
-    def __init__(self, dashboard: str, metrics: str, env: dict):
-        self.dashboard, self.metrics, self.env = dashboard, metrics, env
-
-    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"{' '.join(args[:3])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        return result
-
-    def submit(self, overrides: list[str]) -> str:
-        """`ray job submit` a `sip train` run with the recipe in deploy/runtime_env.yaml; returns its id."""
-        job_id = f"sip-test-{uuid.uuid4().hex[:8]}"
-        self.cli("ray", "job", "submit", "--address", self.dashboard, "--submission-id", job_id, "--no-wait",
-                 "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml", "--", "sip", "train", *overrides)
-        return job_id
-
-    def job(self, job_id: str) -> dict:
-        return get_json(f"{self.dashboard}/api/jobs/{job_id}")
-
-    def wait_job(self, job_id: str, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while (info := self.job(job_id))["status"] not in TERMINAL:
-            assert time.monotonic() < deadline, f"job {job_id} still {info['status']} after {timeout}s"
-            time.sleep(1)
-        return info
-
-    def logs(self, job_id: str) -> str:
-        return get_json(f"{self.dashboard}/api/jobs/{job_id}/logs")["logs"]
-
-    def sip_serve(self, overrides: list[str]) -> None:
-        self.cli("sip", "serve", "--address", self.dashboard, *overrides)
-
-    def judge_replicas(self) -> dict[str, str]:
-        app = serve_details(self.dashboard)["applications"]["sip-judge"]
-        return {r["replica_id"]: r["state"] for r in app["deployments"]["Judge"]["replicas"]}
-
-
-def stop_tree(head: psutil.Process) -> None:
-    """Stop the cluster this test started, and nothing else (`ray stop` would stop every Ray process
-    on the machine). `ray start --block` drains for 30 s on SIGTERM, so it is killed after its children."""
-    try:
-        children = head.children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    for proc in children:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=3)
-    for proc in [*alive, head]:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs([*alive, head], timeout=5)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    temp = tempfile.mkdtemp(prefix="sipray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard_port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_metrics_report_interval_ms="1000",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--temp-dir", temp, "--num-cpus", "8",
-         "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(metrics_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, f"ray start exited:\n{(Path(temp) / 'head.log').read_text()[-3000:]}"
-            try:
-                get_json(f"{dashboard}/api/jobs/")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the dashboard did not come up within 120s"
-                time.sleep(1)
-        yield Cluster(dashboard, f"http://127.0.0.1:{metrics_port}/metrics", env)
-    finally:
-        stop_tree(psutil.Process(head.pid))
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    with start_head() as head:
+        yield head
 
 
 def scrape(url: str) -> dict[str, list[tuple[dict, float]]]:
@@ -139,8 +34,9 @@ def scrape(url: str) -> dict[str, list[tuple[dict, float]]]:
     return samples
 
 
-def run_total(samples: dict, name: str, run: str) -> float:
-    return sum(value for labels, value in samples.get(name, []) if labels.get("run") == run)
+def run_total(samples: dict, name: str, run: str, run_id: str) -> float:
+    return sum(value for labels, value in samples.get(name, [])
+               if labels.get("run") == run and labels.get("run_id") == run_id)
 
 
 def test_submitted_job_succeeds_and_reports_metrics(cluster, tmp_path):
@@ -160,8 +56,8 @@ def test_submitted_job_succeeds_and_reports_metrics(cluster, tmp_path):
     deadline = time.monotonic() + 30  # the last values reach the endpoint within a report interval or two
     while True:
         samples = scrape(cluster.metrics)
-        found = {name: run_total(samples, name, run) for name in expected}
-        workers_reported = all(run_total(samples, name, run) > 0 for name in (
+        found = {name: run_total(samples, name, run, summary["run_id"]) for name in expected}
+        workers_reported = all(run_total(samples, name, run, summary["run_id"]) > 0 for name in (
             "ray_sip_generated_tokens_total", "ray_sip_judge_latency_s_count", "ray_sip_rewriter_latency_s_count"))
         if found == expected and workers_reported:
             break

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,55 @@ def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
     assert proc.returncode == 2
     assert "train.batch_size" in proc.stderr
     assert not out.exists()
+
+
+def test_a_negative_judge_weight_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"judge.weights: .*safety=-0.5: a weight is positive, or 0"):
+        load_config(None, ["judge.weights={quality: 1, safety: -0.5}"])
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def request_budget(cfg) -> float:
+    """The longest a batch's judge and rewriter requests take with every try (actors/generator.py)."""
+    p = cfg.pipeline
+    stages = cfg.needs_rewriter + cfg.needs_judge  # the judge is asked after the rewriter answered
+    return stages * ((p.request_retries + 1) * p.request_timeout_s + p.retry_backoff_s * (2**p.request_retries - 1))
+
+
+@pytest.mark.parametrize("path, overrides", [
+    *[(path, []) for path in sorted(CONFIGS.rglob("*.yaml"))],
+    (None, []),
+    (None, ["pipeline.timeout_s=120"]),  # the test suite's runs (test_e2e, test_faults, ...)
+    (None, ["pipeline.timeout_s=600"]),
+    (None, ["pipeline.request_retries=6", "pipeline.retry_backoff_s=0.5"]),
+    (None, ["pipeline.request_timeout_s=3", "pipeline.request_retries=4", "pipeline.retry_backoff_s=0.5"]),
+    (CONFIGS / "smollm2_judge.yaml", ["pipeline.timeout_s=600", "judge.weights={quality: 1}"]),
+], ids=str)
+def test_shipped_and_tested_configs_give_requests_the_time_to_retry(path, overrides):
+    cfg = load_config(path, overrides)
+    assert 0 < request_budget(cfg) <= cfg.pipeline.timeout_s
+
+
+@pytest.mark.parametrize("candidates", ["[suffix, rewrite, rollouts]", "[suffix, rollouts]"])
+def test_request_timeout_left_unset_fits_every_try_in_the_driver_wait(candidates):
+    for timeout in (120, 300, 3600):
+        cfg = load_config(None, [f"pipeline.timeout_s={timeout}", f"train.candidates={candidates}"])
+        assert request_budget(cfg) == pytest.approx(0.8 * timeout)
+
+
+def test_request_retries_longer_than_the_driver_wait_are_refused_with_the_numbers():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["pipeline.request_timeout_s=120"])
+    for text in ("974s", "2 x 487s", "pipeline.request_timeout_s=120", "4 tries (pipeline.request_retries=3)",
+                 "7s backoff (pipeline.retry_backoff_s=1", "pipeline.timeout_s=300: raise it to at least 974"):
+        assert text in str(err.value)
+    no_rewriter = ["pipeline.request_timeout_s=120", "train.candidates=[suffix, rollouts]"]
+    with pytest.raises(ConfigError, match="one batch's judge requests may take 487s"):
+        load_config(None, no_rewriter)
+    load_config(None, [*no_rewriter, "pipeline.timeout_s=487"])
+    asks_neither = ["train.objective=nll", "train.candidates=[suffix]"]
+    load_config(None, ["pipeline.request_timeout_s=1000", *asks_neither])
+    with pytest.raises(ConfigError, match="request_retries=10 retries .* alone takes 1023s"):
+        load_config(None, ["pipeline.request_retries=10"])

@@ -113,6 +113,30 @@ def test_a_killed_learner_rank_restarts_the_group_from_the_newest_checkpoint(tmp
     assert steps_written(out) == list(range(1, 10)), "metrics.jsonl was cut back to the checkpoint: no step twice"
 
 
+@pytest.mark.parametrize("checkpoint_every", [1, 0], ids=["periodic", "final"])
+def test_a_learner_rank_killed_while_it_writes_a_checkpoint_is_restarted(tmp_path, checkpoint_every):
+    out, steps = tmp_path / "run", 8
+
+    def writing() -> bool:
+        folder = out / "checkpoints"
+        return folder.exists() and any(folder.glob(".step_*.partial"))
+
+    def kill_mid_checkpoint():
+        deadline = time.monotonic() + 120
+        while not writing():
+            assert time.monotonic() < deadline, "no checkpoint was being written"
+            time.sleep(0.002)
+        kill("LearnerRank")
+
+    after = 2 if checkpoint_every else steps - 1
+    summary = run_with_fault(out, [f"train.steps={steps}", f"run.checkpoint_every={checkpoint_every}"], after,
+                             kill_mid_checkpoint)
+    assert_accounted(summary, steps)
+    assert summary["restarts"]["learner"] == 1
+    assert steps_written(out) == list(range(1, steps + 1)), "no step written twice"
+    assert not list((out / "checkpoints").glob(".*.partial")), "the interrupted checkpoint's folder is removed"
+
+
 def test_a_judge_replica_killed_mid_run_is_survived_by_retrying(tmp_path):
     out = tmp_path / "run"
     summary = run_with_fault(out, ["train.steps=10", "pipeline.request_retries=6", "pipeline.retry_backoff_s=0.5"], 3,

@@ -6,6 +6,9 @@ installed. Answers are a few tokens long: these check mechanics and bookkeeping,
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -71,8 +74,15 @@ def test_judge_and_rewriter_deployments_run_the_backend(backend, smollm2, reques
 
 
 def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
-    from sip.train.pipeline import run_training
+    """The README's `sip convert-smollm2` and `sip train --config configs/smollm2_judge.yaml`, through the real CLI."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
+    def sip(*args):
+        done = subprocess.run([sys.executable, "-m", "sip.train", *args], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        return done
+
+    assert f"SmolLM2 is in {smollm2}" in sip("convert-smollm2", "--dest", str(smollm2)).stderr  # converted already: kept
     out = tmp_path / "run"
     overrides = [
         "data.world.countries=4", "data.world.elements=4", "data.suffix_tokens=6", "data.max_seq_tokens=32",
@@ -80,10 +90,11 @@ def test_sip_train_with_smollm2_as_judge_and_rewriter(smollm2, tmp_path):
         "policy.num_heads=2", "policy.intermediate_size=64", "base.steps=0", "train.batch_size=2", "rollout.k=1",
         "train.steps=2", "run.eval_at_end=false", "run.progress=false", "pipeline.timeout_s=600",
         "judge.weights={quality: 1}", "rewriter.llm.rewrite_max_tokens=12", f"run.output_dir={out}",
+        f"judge.llm.model={smollm2}", f"rewriter.llm.model={smollm2}",
     ]
-    cfg = load_config("configs/smollm2_judge.yaml", overrides + [f"judge.llm.model={smollm2}", f"rewriter.llm.model={smollm2}"])
-    assert cfg.judge.backend == "hf" and cfg.rewriter.backend == "hf"
-    summary = run_training(cfg)
+    sip("train", "--config", "configs/smollm2_judge.yaml", *overrides)
+    assert load_config(out / "config.yaml").judge.backend == "hf"
+    summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

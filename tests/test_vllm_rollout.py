@@ -1,6 +1,9 @@
 """Rollout backends: exact-length samples with logprobs, and vLLM engines kept in step with the learner."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -11,7 +14,6 @@ from sip.actors.generator import HFGenerator
 from sip.actors.learner_group import LearnerGroup
 from sip.train.config import load_config
 from sip.train.data import train_tokenizer
-from sip.train.pipeline import run_training
 from sip.train.records import TrainExample
 from test_learner import one_rank, step
 
@@ -86,15 +88,13 @@ def test_learner_weights_synced_to_vllm_give_hfs_greedy_tokens(tokenizer_dir, vl
 @pytest.mark.ray
 @pytest.mark.llm
 def test_sip_train_with_vllm_rollouts(tmp_path, vllm_installed):
+    """The README's `sip train rollout.backend=vllm`, through the real CLI."""
     out = tmp_path / "run"
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_training(load_config(None, TINY_RUN + ["rollout.backend=vllm", f"run.output_dir={out}"]))
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "sip.train", "train", *TINY_RUN, "rollout.backend=vllm",
+                           f"--output-dir={out}"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["staleness_max"] <= 1 and r["rollout_logprob"] < 0 for r in rows)

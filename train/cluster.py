@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
+from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 from sip.train.config import SipConfig
 
@@ -31,11 +35,16 @@ class ClusterError(RuntimeError):
     """The cluster refused, cannot hold, or did not finish a request; the message says which and why."""
 
 
+OWNER_NAMESPACE = "sip"  # where each run's owner actor lives: alive exactly as long as the run's driver
+RUN_APP = re.compile(r"^(?P<app>.+)-(?P<run_id>[0-9a-z]{4,32})$")
+
+
 def init_ray(cfg: SipConfig) -> bool:
     """Join RAY_ADDRESS / run.ray_address, or start a local cluster. Returns True if we started it.
 
     Only a cluster sip starts itself runs without token auth (when the user has not chosen): a
-    cluster it joins keeps whatever RAY_AUTH_MODE its user set.
+    cluster it joins keeps whatever RAY_AUTH_MODE its user set. A local cluster gets a watchdog
+    (train/watchdog.py) that stops its processes when this process ends, even by SIGKILL.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -47,12 +56,40 @@ def init_ray(cfg: SipConfig) -> bool:
         ray.init(address=address, log_to_driver=False)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
+    subprocess.Popen([sys.executable, "-m", "sip.train.watchdog", str(os.getpid()), context.address_info["session_dir"]],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return True
 
 
+def resource_report() -> str:
+    """What the cluster has free, and what holds the rest: live actors by job and class, pending placement groups."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lines = ["free: " + ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}s" for k in ("CPU", "GPU") if total.get(k))]
+    try:
+        from ray.util.state import list_actors, list_placement_groups
+
+        holders: Counter = Counter()
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, timeout=5,
+                                 raise_on_missing_output=False):
+            cpus = (actor.required_resources or {}).get("CPU", 0)
+            if cpus:
+                holders[f"job {actor.job_id}: {actor.class_name}"] += cpus
+        if holders:
+            lines.append("held by " + "; ".join(f"{who} ({cpus:g} CPUs)" for who, cpus in holders.most_common(8)))
+        pending = [pg for pg in list_placement_groups(filters=[("state", "=", "PENDING")], limit=100, timeout=5,
+                                                      raise_on_missing_output=False)]
+        if pending:
+            lines.append(f"{len(pending)} placement groups waiting (jobs {', '.join(sorted({pg.creator_job_id for pg in pending}))})")
+    except Exception as err:  # noqa: BLE001 — the state API needs the dashboard; the free counts still help
+        lines.append(f"(who holds them is unknown: {type(err).__name__})")
+    return "; ".join(lines)
+
+
 def check_resources(cfg: SipConfig) -> None:
-    """Fail before deploying anything if the actors cannot all be placed (Serve and Ray would wait forever)."""
+    """Fail before deploying anything if what is free now cannot hold the run's actors (Ray and Serve would wait)."""
     import ray
 
     from sip.serve.apps import replica_range
@@ -66,14 +103,54 @@ def check_resources(cfg: SipConfig) -> None:
             continue
         need["CPU"] += replica_range(dcfg)[0] * dcfg.num_cpus
         need["GPU"] += replica_range(dcfg)[0] * dcfg.num_gpus
-    have = ray.cluster_resources()
+    total, free = ray.cluster_resources(), ray.available_resources()
     for kind, amount in need.items():
-        if amount > have.get(kind, 0):
+        if amount > total.get(kind, 0):
             raise ClusterError(
                 f"the run needs {amount:g} {kind}s (train.num_learners x train.num_{kind.lower()}s, rollout.num_generators x "
                 f"rollout.num_{kind.lower()}s, judge/rewriter replicas x num_{kind.lower()}s) but the cluster has "
-                f"{have.get(kind, 0):g}: lower those" + (" or raise run.num_cpus" if kind == "CPU" else "")
+                f"{total.get(kind, 0):g}: lower those" + (" or raise run.num_cpus" if kind == "CPU" else "")
             )
+        if amount > free.get(kind, 0) + 1e-9:
+            raise ClusterError(f"the run needs {amount:g} {kind}s but only {free.get(kind, 0):g} are free now: "
+                               f"{resource_report()}. Wait for those to finish, or lower what this run asks for")
+
+
+def start_owner(run_id: str):
+    """A zero-CPU actor that lives exactly as long as this run's driver: its absence tells a later run
+    (`remove_orphan_apps`) that the apps named after `run_id` were left by a driver that died."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunOwner:
+        def ping(self) -> bool:
+            return True
+
+    owner = RunOwner.options(name=f"sip-run-{run_id}", namespace=OWNER_NAMESPACE).remote()
+    ray.get(owner.ping.remote(), timeout=60)
+    return owner
+
+
+def remove_orphan_apps() -> list[str]:
+    """Delete the Serve apps of runs whose driver is gone (killed before it could delete them)."""
+    import ray
+    from ray import serve
+
+    from sip.serve.apps import SECTIONS
+
+    removed = []
+    for name in serve.status().applications:
+        match = RUN_APP.match(name)
+        if not match or match["app"] not in SECTIONS:
+            continue
+        try:
+            ray.get_actor(f"sip-run-{match['run_id']}", namespace=OWNER_NAMESPACE)
+        except ValueError:
+            serve.delete(name)
+            removed.append(name)
+    if removed:
+        logging.getLogger(__name__).warning("removed Serve apps left by runs that died: %s", ", ".join(removed))
+    return removed
 
 
 def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str, str]:
@@ -81,7 +158,8 @@ def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str
 
     A section that sets `attach` uses the long-lived app of the plain name (`sip serve`), after
     checking it runs with the same settings. Returns the app name per role; each app it deploys is
-    added to `started` first, so one that fails half-way is deleted too.
+    added to `started` first, so one that fails half-way is deleted too. Waits at most
+    `pipeline.timeout_s` for the replicas, then says what holds the cluster's resources.
     """
     from ray import serve
 
@@ -104,20 +182,48 @@ def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str
             serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
         names[role] = f"{name}-{run_id}"
         started.append(names[role])
-        serve.run(builders[role](), name=names[role], route_prefix=None, logging_config={"enable_access_log": False})
+        serve.run_many([serve.RunTarget(builders[role](), name=names[role], route_prefix=None,
+                                        logging_config={"enable_access_log": False})],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_for_apps([names[SECTIONS[n]] for n in app_names(cfg) if not getattr(cfg, SECTIONS[n]).attach], cfg.pipeline.timeout_s)
     return names
 
 
+def wait_for_apps(names: list[str], timeout: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve.status().applications
+        waiting = []
+        for name in names:
+            app = apps.get(name)
+            status = app.status if app else "NOT_STARTED"
+            if status == "DEPLOY_FAILED":
+                raise ClusterError(f"Serve app {name} failed to deploy: {app.message}")
+            if status != "RUNNING":
+                waiting.append(f"{name} ({status})")
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the Serve apps {', '.join(waiting)} did not start within pipeline.timeout_s={timeout:g}s; "
+                               f"{resource_report()}")
+        time.sleep(0.5)
+
+
 @contextmanager
-def cluster_session(cfg: SipConfig):
-    """Ray up, resources checked, the run's judge and rewriter deployed; yields their app names."""
+def cluster_session(cfg: SipConfig, run_id: str):
+    """Ray up, orphaned apps removed, resources checked, the run's judge and rewriter deployed; yields their app names."""
     import ray
 
     started_cluster = init_ray(cfg)
     started: list[str] = []
+    owner = None
     try:
+        owner = start_owner(run_id)
+        remove_orphan_apps()
         check_resources(cfg)
-        yield deploy_teachers(cfg, uuid.uuid4().hex[:8], started)
+        yield deploy_teachers(cfg, run_id, started)
     finally:
         if started:
             from ray import serve
@@ -127,6 +233,8 @@ def cluster_session(cfg: SipConfig):
                     serve.delete(name)
                 except Exception as err:  # noqa: BLE001 — cleanup must not hide the run's own error
                     logging.getLogger(__name__).warning("could not delete Serve app %s: %s", name, err)
+        if owner is not None:
+            ray.kill(owner)
         if started_cluster:
             ray.shutdown()
 
@@ -140,14 +248,35 @@ def dashboard_address(explicit: str | None = None) -> str:
     return DEFAULT_DASHBOARD
 
 
+def auth_headers() -> dict[str, str]:
+    """The Ray auth token as a bearer header, from where Ray itself reads it: RAY_AUTH_TOKEN, the file in
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token when RAY_AUTH_MODE=token. Empty when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as err:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err})") from None
+    default = Path.home() / ".ray" / "auth_token"
+    if not token and os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
+        token = default.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _request(address: str, method: str, body: dict | None = None, timeout: float = 30) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(address + SERVE_API, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **auth_headers()})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
     except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ClusterError(
+                f"the Ray dashboard at {address} refused the request ({err.code}): the cluster has token auth on. "
+                "Give sip its token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE=token and "
+                "~/.ray/auth_token (`ray get-auth-token` prints it)") from None
         raise ClusterError(f"{method} {address}{SERVE_API} failed ({err.code}): {err.read().decode()[:2000]}") from None
     except (urllib.error.URLError, OSError) as err:
         raise ClusterError(f"cannot reach the Ray dashboard at {address} ({err}); set --address or RAY_DASHBOARD_ADDRESS") from None

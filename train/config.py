@@ -258,6 +258,14 @@ class JudgeConfig(DeploymentConfig):
     )
     failure_window: int = Field(10, ge=1, description="steps over which judge.max_failure_rate is measured")
 
+    @field_validator("weights")
+    @classmethod
+    def _no_negative_weight(cls, weights: dict[str, float]) -> dict[str, float]:
+        negative = ", ".join(f"{name}={w:g}" for name, w in weights.items() if w < 0)
+        if negative:
+            raise ValueError(f"{negative}: a weight is positive, or 0 to leave the objective out")
+        return weights
+
     @model_validator(mode="after")
     def _some_objective(self) -> JudgeConfig:
         if not any(w > 0 for w in self.weights.values()):
@@ -300,12 +308,17 @@ class TrainConfig(Section):
         return self
 
 
+REQUEST_SHARE = 0.8  # of pipeline.timeout_s that a batch's requests get by default; the rest: rollouts, transfers
+
+
 class PipelineConfig(Section):
     mode: Literal["async", "sync"] = "async"
     max_staleness: int = Field(1, ge=0, description="policy versions a rollout may lag the learner")
     timeout_s: float = Field(300.0, gt=0, description="limit on every wait across actors")
-    request_timeout_s: float = Field(
-        120.0, gt=0, description="limit on one judge or rewriter request; a request that passes it is retried"
+    request_timeout_s: float | None = Field(
+        None, gt=0,
+        description="limit on one judge or rewriter request; a request that passes it is retried. Unset: the longest "
+        f"that lets every try of a batch's requests, backoff included, end within {REQUEST_SHARE:.0%} of pipeline.timeout_s",
     )
     request_retries: int = Field(3, ge=0, description="new tries of a judge or rewriter request that failed or timed out")
     retry_backoff_s: float = Field(1.0, ge=0, description="first wait before a retried request; doubles each time")
@@ -328,6 +341,11 @@ class RunConfig(Section):
     num_cpus: int = Field(8, ge=1, description="logical CPUs of a new local cluster")
     progress: bool = True
     name: str | None = Field(None, description="tags the run's Ray metrics and names it in W&B; default: the output folder's name")
+    id: str | None = Field(
+        None, pattern=r"^[0-9a-z]{4,32}$",
+        description="unique per run (sip sets a new one for every run when unset): a `run_id` tag on every Ray metric, "
+                    "and the suffix of the run's own Serve apps",
+    )
     tensorboard: bool = Field(True, description="write training metrics to <output_dir>/tensorboard")
     wandb: bool = Field(False, description="log to Weights & Biases (pip install 'sip[wandb]'; WANDB_* variables apply)")
     wandb_project: str = "sip"
@@ -358,6 +376,32 @@ class SipConfig(Section):
         if self.rollout.weight_sync == "nccl" and self.train.num_learners > 1:
             raise ValueError("rollout.weight_sync=nccl sends from one learner rank: set train.num_learners=1 "
                              "or rollout.weight_sync=object_store")
+        return self
+
+    @model_validator(mode="after")
+    def _requests_fit(self) -> SipConfig:
+        """Every try of a batch's rewriter and judge requests must end before the driver stops waiting for
+        the batch (pipeline.timeout_s); otherwise the run fails while a worker is still retrying."""
+        p = self.pipeline
+        asked = [name for name, used in (("rewriter", self.needs_rewriter), ("judge", self.needs_judge)) if used]
+        tries, backoff = p.request_retries + 1, p.retry_backoff_s * (2**p.request_retries - 1)
+        if p.request_timeout_s is None:  # the judge is asked once the rewriter has answered: the stages add up
+            p.request_timeout_s = (REQUEST_SHARE * p.timeout_s / max(len(asked), 1) - backoff) / tries
+            if p.request_timeout_s <= 0:
+                raise ValueError(
+                    f"the backoff of pipeline.request_retries={p.request_retries} retries (pipeline.retry_backoff_s="
+                    f"{p.retry_backoff_s:g}, doubling) alone takes {backoff:g}s, more than pipeline.timeout_s="
+                    f"{p.timeout_s:g} leaves a request: lower them or raise pipeline.timeout_s")
+        request = tries * p.request_timeout_s + backoff
+        budget = len(asked) * request
+        if budget > p.timeout_s:
+            raise ValueError(
+                f"one batch's {' and '.join(asked)} requests may take {budget:g}s with every retry: "
+                f"{f'2 x {request:g}s one after the other, each ' if len(asked) > 1 else ''}pipeline.request_timeout_s="
+                f"{p.request_timeout_s:g} x {tries} tries (pipeline.request_retries={p.request_retries}) + {backoff:g}s "
+                f"backoff (pipeline.retry_backoff_s={p.retry_backoff_s:g}, doubling). The driver gives up on a batch after "
+                f"pipeline.timeout_s={p.timeout_s:g}: raise it to at least {budget:g}, or lower the request settings "
+                "(left unset, pipeline.request_timeout_s fits itself)")
         return self
 
     @property

@@ -113,12 +113,18 @@ def local_files(cfg: DataConfig) -> list[Path] | None:
 
 
 def check_source(cfg: DataConfig) -> None:
-    """Checks an HF source's local files before anything reads them: they exist, and are in the
-    configured encoding. Cheap (the heads of the first files), so every reader calls it."""
+    """Checks an HF source's local files before anything reads them: they exist, are files, and are
+    in the configured encoding. Cheap (the heads of the first files), so every reader calls it."""
     if cfg.source != "hf":
         return
+    hf = cfg.hf
+    for pattern in [hf.data_files] if isinstance(hf.data_files, str) else hf.data_files or []:
+        if "://" not in pattern and os.path.isdir(os.path.expanduser(pattern)):
+            ext = {"json": ".jsonl", "text": ".txt"}.get(hf.path, f".{hf.path}" if hf.path in FILE_BUILDERS else "")
+            raise DataError(f"data.hf.data_files: {pattern!r} is a directory, not a data file; name its files "
+                            f"with a glob, e.g. data.hf.data_files={os.path.join(pattern, '*' + ext)}")
     files = local_files(cfg)
-    if not files or cfg.hf.path not in TEXT_BUILDERS or cfg.hf.encoding is not None:
+    if not files or hf.path not in TEXT_BUILDERS or hf.encoding is not None:
         return  # an explicit encoding is the user's word: undecodable documents are skipped and counted
     for path in [f for f in files if not f.name.endswith(COMPRESSED_SUFFIXES)][:SNIFF_FILES]:
         with open(path, "rb") as handle:

@@ -50,7 +50,8 @@ def run_experiment(config: Path | None, overrides: list[str], seeds: list[int], 
                    ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """Runs every variant for every seed (a finished run is reused), then evaluates and reports."""
     from sip.train.evaluate import evaluate_folders
-    from sip.train.pipeline import init_ray, run_training
+    from sip.train.cluster import init_ray
+    from sip.train.pipeline import run_training
 
     grid = variants(ks)
     results: dict[str, dict[int, dict]] = {name: {} for name in grid}

@@ -10,25 +10,32 @@ Ray-free, so the scheduling rules are unit-tested on their own (tests/test_ledge
   newest weights, still within the bound). A rollback to a checkpoint (the learner died) sends
   every batch after the checkpoint back too. Each feed is an attempt; a result from an earlier
   attempt is ignored.
+- **Same samples back.** A judged batch must hold the samples fed, by id and in order; one that
+  does not is never trained: it is fed again like a lost batch, and its samples counted `mismatched`.
 - **Accounting.** Every sample fed ends `trained` or `skipped` (by reason). `refed` counts extra
   feeds, `in_flight` samples without a fate yet, and `lost` whatever is none of these: it must be 0.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+
+from sip.train.records import JudgedBatch, Sample
+
+log = logging.getLogger("sip.train")
 
 
 @dataclass
 class Entry:
     index: int
-    samples: list[Any]
+    samples: list[Sample]
     cursor: dict  # the stream position right after this batch: where a checkpoint at step index + 1 resumes
     attempt: int = 0  # feeds so far
+    mismatches: int = 0  # attempts that came back holding other samples
     status: str = "queued"  # queued | in_flight | judged | trained
-    result: Any = None
+    result: JudgedBatch | None = None
     trained: int = 0
     skipped: Counter = field(default_factory=Counter)
 
@@ -45,6 +52,7 @@ class BatchLedger:
         self.refed = counts.get("refed", 0)
         self.trained = counts.get("trained", 0)
         self.skipped = Counter(counts.get("skipped", {}))
+        self.mismatched = counts.get("mismatched", 0)  # absent from checkpoints written before it was counted
 
     # ---- feeding --------------------------------------------------------------------------------
 
@@ -81,9 +89,19 @@ class BatchLedger:
             return None  # an earlier attempt's answer, or one for a batch rolled back meanwhile
         return entry
 
-    def judged(self, index: int, attempt: int, result: Any) -> bool:
+    def judged(self, index: int, attempt: int, result: JudgedBatch) -> bool:
+        """Hold the attempt's result until its turn; one that holds other samples than fed is fed again."""
         entry = self._current(index, attempt)
         if entry is None:
+            return False
+        fed, back = [s.id for s in entry.samples], [j.sample.id for j in result.judged]
+        if back != fed:
+            entry.status = "queued"
+            entry.mismatches += 1
+            self.mismatched += len(fed)
+            missing, extra = Counter(fed) - Counter(back), Counter(back) - Counter(fed)
+            log.warning("batch %d came back holding other samples than it was fed (not back: %s, not fed: %s, "
+                        "or another order): feeding it again", index, sorted(missing)[:3], sorted(extra)[:3])
             return False
         entry.result, entry.status = result, "judged"
         return True
@@ -123,6 +141,7 @@ class BatchLedger:
             "refed": self.refed - sum(len(e.samples) * (e.attempt - 1) for e in ahead),
             "trained": self.trained,
             "skipped": dict(self.skipped),
+            "mismatched": self.mismatched - sum(len(e.samples) * e.mismatches for e in ahead),
         }
 
     def checkpointed(self) -> None:
@@ -158,6 +177,7 @@ class BatchLedger:
             "refed": self.refed,
             "in_flight": in_flight,
             "lost": self.fed - self.trained - skipped - in_flight,
+            "mismatched": self.mismatched,
         }
 
     def in_flight_batches(self) -> int:

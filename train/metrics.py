@@ -2,7 +2,8 @@
 
 Ray exports `ray.util.metrics` from every node's metrics endpoint (`ray start --metrics-export-port`)
 with a `ray_` prefix; counters also get a `_total` suffix (`sip_steps` → `ray_sip_steps_total`).
-Every series carries a `run` tag (`run.name`, by default the output folder's name). The driver
+Every series carries a `run` tag (`run.name`, by default the output folder's name) and a `run_id`
+tag (`run.id`, new for every run). The driver
 reports the per-step numbers (`StepMetrics`), each rollout worker its own generation speed and the
 latency it sees from the judge and rewriter (`RolloutMetrics`). `RunLog` writes the per-step record
 to TensorBoard and, when `run.wandb` is on, to Weights & Biases.
@@ -25,22 +26,27 @@ def run_name(cfg: SipConfig) -> str:
     return cfg.run.name or Path(cfg.run.output_dir).resolve().name
 
 
+def run_tags(cfg: SipConfig) -> dict[str, str]:
+    """`run`: the name a person reads; `run_id`: unique per run, so two folders both called `run` never merge."""
+    return {"run": run_name(cfg), "run_id": cfg.run.id or ""}
+
+
 class StepMetrics:
     """Driver-side Ray metrics, updated once per optimizer step. `skipped`: the totals a resumed run
     starts from (its counters count this process's work only)."""
 
-    def __init__(self, run: str, skipped: Counter):
+    def __init__(self, run_tags: dict[str, str], skipped: Counter):
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge
 
         def counter(name: str, description: str, *tags: str) -> RayCounter:
-            metric = RayCounter(name, description=description, tag_keys=("run", *tags))
-            metric.set_default_tags({"run": run})
+            metric = RayCounter(name, description=description, tag_keys=(*run_tags, *tags))
+            metric.set_default_tags(run_tags)
             return metric
 
         def gauge(name: str, description: str, *tags: str) -> Gauge:
-            metric = Gauge(name, description=description, tag_keys=("run", *tags))
-            metric.set_default_tags({"run": run})
+            metric = Gauge(name, description=description, tag_keys=(*run_tags, *tags))
+            metric.set_default_tags(run_tags)
             return metric
 
         self.steps = counter("sip_steps", "optimizer steps taken")
@@ -93,11 +99,11 @@ def _add(counter, value: float, tags: dict | None = None) -> None:
 class RolloutMetrics:
     """One rollout worker's generation speed and the latency of its judge and rewriter requests."""
 
-    def __init__(self, run: str, worker_id: int):
+    def __init__(self, run_tags: dict[str, str], worker_id: int):
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge, Histogram
 
-        tags = {"run": run, "worker": str(worker_id)}
+        tags = {**run_tags, "worker": str(worker_id)}
         self.tokens = RayCounter("sip_generated_tokens", description="rollout tokens generated", tag_keys=tuple(tags))
         self.tokens_per_s = Gauge("sip_generator_tokens_per_s", description="rollout tokens per second of the last batch",
                                   tag_keys=tuple(tags))

@@ -22,6 +22,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from sip.train.config import SipConfig, dump_config
 from sip.train.data import DataError, check_source
 from sip.train.ledger import BatchLedger, Entry
 from sip.train.records import SOURCES, Batch, JudgedBatch, TrainExample
+from sip.train.run_lock import OutputLock, OutputLocked
 from sip.train.selection import select, skip_reason
 
 log = logging.getLogger("sip.train")
@@ -61,9 +63,12 @@ def run_training(cfg: SipConfig) -> dict:
 
 class TrainingRun:
     def __init__(self, cfg: SipConfig):
+        if cfg.run.id is None:
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"id": uuid.uuid4().hex[:8]})})
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.stop_signal: str | None = None
+        self.last_checkpoint: tuple[int, Path | None] = (0, None)
         self.counters: Counter = Counter()  # judge calls and failures, rewrite failures, retried requests
         self.faults: Counter = Counter()  # learner restarts, rollout batches lost with their worker, failed episodes
         self.judge_window: deque[tuple[int, int]] = deque(maxlen=cfg.judge.failure_window)
@@ -72,23 +77,37 @@ class TrainingRun:
     def run(self) -> dict:
         from sip.train.cluster import ClusterError, cluster_session
 
-        resume_state = self._check_inputs()
         try:
-            with cluster_session(self.cfg) as apps, self._stop_on_signals():
-                self.apps = apps
-                self._prepare(resume_state)
-                try:
-                    with self._outputs():
-                        while self.ledger.step < self.cfg.train.steps and not self.stop_signal:
-                            self._step()
-                    if self.stop_signal:
-                        self._stop()
-                    return self._finish()
-                finally:
-                    self.pool.shutdown()
-                    self.learner.shutdown()
-        except (ClusterError, DataError) as err:
+            with OutputLock(self.out, self.cfg.run.id):
+                resume_state = self._check_inputs()
+                with cluster_session(self.cfg, self.cfg.run.id) as apps, self._stop_on_signals():
+                    self.apps = apps
+                    self._prepare(resume_state)
+                    try:
+                        with self._outputs():
+                            self._train()
+                            return self._finish()
+                    finally:
+                        self.pool.shutdown()
+                        self.learner.shutdown()
+        except (ClusterError, DataError, OutputLocked) as err:
             raise PipelineError(str(err)) from None
+        except CheckpointError as err:  # a checkpoint could not be written (a full disk): the one before stands
+            raise PipelineError(f"{err}. {_resume_hint(self.last_checkpoint[1])}") from None
+
+    def _train(self) -> None:
+        """Steps until the run is done or asked to stop, then the final checkpoint (a learner that dies
+        while writing it is restarted from the one before, and the steps since are trained again)."""
+        while True:
+            while self.ledger.step < self.cfg.train.steps and not self.stop_signal:
+                self._step()
+            if self.stop_signal:
+                self._stop()
+            try:
+                self.final_checkpoint = self._checkpoint()
+                return
+            except LearnerDied as err:
+                self._recover_learner(err)
 
     # ---- before anything starts -----------------------------------------------------------------
 
@@ -148,7 +167,7 @@ class TrainingRun:
         self.ledger = BatchLedger(cfg.train.steps, staleness, start, self.sampler.state(), extra.get("ledger"))
         self.counters.update(extra.get("counters", {}))
         self.faults.update(extra.get("faults", {}))
-        self.last_checkpoint: tuple[int, Path | None] = (start, self.resume)
+        self.last_checkpoint = (start, self.resume)
         self.counters_at_checkpoint = Counter(self.counters)
         self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
                              if cfg.run.eval_at_end and self.resume is None else None)
@@ -160,13 +179,13 @@ class TrainingRun:
         """metrics.jsonl (cut back to the resumed step), TensorBoard / W&B, Ray metrics, the progress bar."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from sip.train.metrics import RunLog, StepMetrics, run_name
+        from sip.train.metrics import RunLog, StepMetrics, run_tags
 
         try:
             self.run_log = RunLog(self.cfg, self.out)
         except ImportError as err:
             raise PipelineError(str(err)) from None
-        self.step_metrics = StepMetrics(run_name(self.cfg), self.ledger.skipped)
+        self.step_metrics = StepMetrics(run_tags(self.cfg), self.ledger.skipped)
         self.fed_reported = self.ledger.fed + self.ledger.refed
         self._cut_metrics(self.ledger.step)
         self.progress = Progress(
@@ -212,7 +231,10 @@ class TrainingRun:
         self._log(entry.result, record, metrics)
         if self.cfg.run.checkpoint_every and self.ledger.step % self.cfg.run.checkpoint_every == 0 \
                 and self.ledger.step < self.cfg.train.steps:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except LearnerDied as err:
+                self._recover_learner(err)
 
     def _feed(self) -> None:
         """Take new batches from the stream while the staleness bound allows, and hand out every batch waiting."""
@@ -252,8 +274,10 @@ class TrainingRun:
                     self.ledger.judged(outcome.index, outcome.attempt, outcome)
             self._feed()
             if time.monotonic() > deadline:
+                from sip.train.cluster import resource_report
+
                 self._fail(f"no judged batch within pipeline.timeout_s={timeout:g}s "
-                           f"({self.ledger.in_flight_batches()} batches with the rollout workers)")
+                           f"({self.ledger.in_flight_batches()} batches with the rollout workers); {resource_report()}")
         self.wait_seconds = time.perf_counter() - wait_start
         return entry
 
@@ -343,20 +367,25 @@ class TrainingRun:
     # ---- faults, checkpoints, the end -----------------------------------------------------------
 
     def _recover_learner(self, err: Exception) -> None:
-        self.faults["learner_restarts"] += 1
+        """Restart the learner group from the newest checkpoint (again, if a rank dies during the restart)."""
         step, checkpoint = self.last_checkpoint
         where = f"the checkpoint at step {step} ({checkpoint})" if checkpoint else "the start of the run"
-        if self.faults["learner_restarts"] > self.cfg.run.max_failures:
-            raise PipelineError(f"{err}; the learner has died {self.faults['learner_restarts']} times "
-                                f"(run.max_failures={self.cfg.run.max_failures}). "
-                                + _resume_hint(checkpoint))
-        log.warning("%s: restarting the learner group from %s", err, where)
-        self.learner.restart(checkpoint)
+        while True:
+            self.faults["learner_restarts"] += 1
+            if self.faults["learner_restarts"] > self.cfg.run.max_failures:
+                raise PipelineError(f"{err}; the learner has died {self.faults['learner_restarts']} times "
+                                    f"(run.max_failures={self.cfg.run.max_failures}). " + _resume_hint(checkpoint))
+            log.warning("%s: restarting the learner group from %s", err, where)
+            try:
+                self.learner.restart(checkpoint)
+                self.weights = self.learner.publish_weights()
+                break
+            except LearnerDied as again:
+                err = again
         self.ledger.rollback(step)
         self.counters = Counter(self.counters_at_checkpoint)
         self.metrics_file.close()
         self._cut_metrics(step)
-        self.weights = self.learner.publish_weights()
 
     def _checkpoint(self) -> Path:
         path = step_dir(self.out, self.ledger.step)
@@ -373,7 +402,8 @@ class TrainingRun:
         """Stop the run: with a checkpoint of the current step if the learner can still write one."""
         try:
             checkpoint = self._checkpoint() if self.ledger.step > self.last_checkpoint[0] else self.last_checkpoint[1]
-        except LearnerDied:
+        except (LearnerDied, CheckpointError) as err:
+            message += f" (and no checkpoint of step {self.ledger.step} could be written: {err})"
             checkpoint = self.last_checkpoint[1]
         raise PipelineError(f"{message}. {_resume_hint(checkpoint)}")
 
@@ -401,9 +431,13 @@ class TrainingRun:
                 signal.signal(sig, handler)
 
     def _stop(self) -> None:
-        checkpoint = self._checkpoint()
-        raise RunStopped(f"stopped by {self.stop_signal} at step {self.ledger.step} of {self.cfg.train.steps}. "
-                         + _resume_hint(checkpoint), self.stop_signal)
+        message = f"stopped by {self.stop_signal} at step {self.ledger.step} of {self.cfg.train.steps}"
+        try:
+            checkpoint = self._checkpoint()
+        except (LearnerDied, CheckpointError) as err:
+            message += f"; its checkpoint could not be written ({err})"
+            checkpoint = self.last_checkpoint[1]
+        raise RunStopped(f"{message}. {_resume_hint(checkpoint)}", self.stop_signal)
 
     def _finish(self) -> dict:
         from sip.train.evaluate import evaluate
@@ -411,10 +445,11 @@ class TrainingRun:
 
         cfg, out = self.cfg, self.out
         train_seconds = time.perf_counter() - self.train_start
-        checkpoint = self._checkpoint()
+        checkpoint = self.final_checkpoint
         counts = self.ledger.counts()
         judged_now = counts["trained"] + sum(counts["skipped"].values()) - self.samples_at_start
         summary = {
+            "run_id": cfg.run.id,
             "steps": self.ledger.step,
             "policy_version": self.learner.version,
             "objective": cfg.train.objective,
@@ -437,7 +472,11 @@ class TrainingRun:
         if self.base_info is not None:
             summary["base"] = {"folder": cfg.policy.init, **{k: v for k, v in self.base_info.items() if k != "sampler"}}
         if cfg.run.eval_at_end:
-            summary["eval"] = evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"], out)
+            try:
+                summary["eval"] = evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"], out)
+            except LearnerDied as err:
+                raise PipelineError(f"{err} during the final evaluation. Training finished: the model is in {checkpoint}; "
+                                    f"evaluate it with `sip eval --model {checkpoint}`") from None
             self.run_log.log(self.ledger.step, summary["eval"], prefix="eval/")
             if self.initial_eval is not None:
                 summary["eval_initial"] = self.initial_eval
