@@ -70,6 +70,9 @@ class LearnerRank:
 
     # ---- start-up -------------------------------------------------------------------------------
 
+    def ping(self) -> int:
+        return self.rank
+
     def rendezvous(self) -> str:
         """Rank 0: the address where every rank joins the process group."""
         import socket

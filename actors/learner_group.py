@@ -95,6 +95,10 @@ class LearnerGroup:
         self.version = int(metrics["policy_version"])
         return metrics
 
+    def check_alive(self) -> None:
+        """LearnerDied if any rank's process is gone (the ranks are idle whenever the driver asks)."""
+        self._get([r.ping.remote() for r in self.ranks], "a liveness check")
+
     def publish_weights(self) -> WeightUpdate:
         return self.weight_sync.publish(self.ranks, self.version)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from sip.train.watchdog import stop
+
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -87,18 +89,8 @@ def stop_tree(head: psutil.Process) -> None:
         children = head.children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    for proc in children:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=3)
-    for proc in [*alive, head]:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs([*alive, head], timeout=5)
+    stop(children)
+    stop([head], grace_s=0)
 
 
 @contextmanager

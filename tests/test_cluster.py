@@ -7,7 +7,7 @@ import urllib.request
 import uuid
 
 import pytest
-from cluster_head import start_head
+from cluster_head import TERMINAL, start_head
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import TINY
 

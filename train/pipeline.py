@@ -92,7 +92,7 @@ class TrainingRun:
                         self.learner.shutdown()
         except (ClusterError, DataError, OutputLocked) as err:
             raise PipelineError(str(err)) from None
-        except CheckpointError as err:  # a checkpoint could not be written (a full disk): the one before stands
+        except (CheckpointError, LearnerDied) as err:  # a checkpoint not written (a full disk), a rank lost in setup
             raise PipelineError(f"{err}. {_resume_hint(self.last_checkpoint[1])}") from None
 
     def _train(self) -> None:
@@ -213,7 +213,11 @@ class TrainingRun:
 
     def _step(self) -> None:
         self._feed()
-        entry = self._collect()
+        try:
+            entry = self._collect()
+        except LearnerDied as err:  # found while a batch failed: the weights it was fed died with the learner
+            self._recover_learner(err)
+            return
         if entry is None:  # asked to stop while waiting
             return
         examples, record = self._select(entry.result)
@@ -270,8 +274,11 @@ class TrainingRun:
                         log.warning("batch %d lost (%s): feeding it again", outcome.index, outcome.reason)
                 elif outcome.error:
                     self._episode_failed(outcome)
-                else:
-                    self.ledger.judged(outcome.index, outcome.attempt, outcome)
+                elif not self.ledger.judged(outcome.index, outcome.attempt, outcome):
+                    entry = self.ledger.entries.get(outcome.index)
+                    if entry is not None and entry.mismatches > self.cfg.run.max_failures:
+                        self._fail(f"batch {outcome.index} came back holding other samples than it was fed "
+                                   f"{entry.mismatches} times (run.max_failures={self.cfg.run.max_failures})")
             self._feed()
             if time.monotonic() > deadline:
                 from sip.train.cluster import resource_report
@@ -284,6 +291,9 @@ class TrainingRun:
     def _episode_failed(self, outcome: JudgedBatch) -> None:
         if not self.ledger.lost(outcome.index, outcome.attempt):
             return
+        # A dead learner rank takes the weights the batch was fed with: that is the learner's fault, not the
+        # batch's, and feeding it again before the learner restarts would only fail again.
+        self.learner.check_alive()
         self.faults["failed_episodes"] += 1
         self.episode_errors[outcome.index] += 1
         if self.episode_errors[outcome.index] > self.cfg.run.max_failures:

@@ -28,13 +28,14 @@ def _heads(session_dir: str) -> list[psutil.Process]:
     return found
 
 
-def _stop(procs: list[psutil.Process]) -> None:
+def stop(procs: list[psutil.Process], grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL for whatever still runs `grace_s` later."""
     for proc in procs:
         try:
-            proc.terminate()
+            proc.terminate() if grace_s else proc.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=3)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s or 5)
     for proc in alive:
         try:
             proc.kill()
@@ -70,7 +71,7 @@ def watch(driver_pid: int, session_dir: str) -> None:
         if not driver_alive or (heads_seen and not heads):
             if driver_alive:
                 time.sleep(GRACE_S)
-            _stop([p for p in tracked.values() if p.is_running()])
+            stop([p for p in tracked.values() if p.is_running()])
             return
         time.sleep(POLL_S)
 
