@@ -3,7 +3,9 @@
 One small protocol: `generate(requests)` takes chat prompts and returns, for each, the requested
 number of sampled answers. Engines that render the chat template themselves (hf, vllm) *prefill*
 the prompt's `answer_start` (the answer is forced to begin with it) and return only what the model
-wrote after it; the openai engine cannot prefill, so the prompt asks the model to write it.
+wrote after it; the openai engine prefills only with `llm.continue_final_message`, else the prompt
+asks the model to write it. `choice_probs(prompts, choices)` reads, instead of sampling, how
+likely the model finds each choice as the continuation of the prefilled answer start.
 
 Heavy libraries (torch, transformers, vllm, aiohttp) are imported inside the engine that needs them.
 """
@@ -11,9 +13,12 @@ Heavy libraries (torch, transformers, vllm, aiohttp) are imported inside the eng
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +52,11 @@ class TextEngine(Protocol):
     async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
         """For each request, `n` sampled answers."""
 
+    async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float] | None]:
+        """For each prompt, the probability of each choice as the answer's continuation after the
+        prefilled answer start, normalised over the choices; None where the engine saw none of them
+        (only openai, which sees the top 20 first tokens, can)."""
+
 
 def model_folder(name: str) -> Path:
     folder = Path(name).expanduser()
@@ -70,10 +80,31 @@ def per_request(requests: list[GenRequest], texts: list[str]) -> list[list[str]]
     return answers
 
 
-def _render(tokenizer, prompt: ChatPrompt) -> str:
+def render_prompt(tokenizer, prompt: ChatPrompt) -> str:
     messages = [{"role": role, "content": content} for role, content in prompt.messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + prompt.answer_start
+
+
+def normalised(logprobs: Sequence[float]) -> list[float]:
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    return [w / sum(weights) for w in weights]
+
+
+def choice_tokens(tokenizer, text: str, choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The tokens of `text` + each choice, split into the part they all share and each choice's rest.
+
+    The choices are scored from where their tokenisations part, not from the end of `text`: a token
+    that joins the text's end to a choice's start is then scored as part of that choice.
+    """
+    seqs = [tokenizer.encode(text + choice, add_special_tokens=False) for choice in choices]
+    shared = 0
+    while all(len(s) > shared and s[shared] == seqs[0][shared] for s in seqs):
+        shared += 1
+    if any(len(s) == shared for s in seqs):
+        raise EngineError(f"the choices {list(choices)} cannot be scored: one's tokens begin another's")
+    return seqs[0][:shared], [s[shared:] for s in seqs]
 
 
 class HFEngine:
@@ -110,7 +141,7 @@ class HFEngine:
     def _generate(self, requests: list[GenRequest], temperature: float, top_p: float) -> list[list[str]]:
         import torch
 
-        rows = [(r, _render(self.tokenizer, r.prompt)) for r in requests for _ in range(r.n)]
+        rows = [(r, render_prompt(self.tokenizer, r.prompt)) for r in requests for _ in range(r.n)]
         # rows generated together share their stop strings: one row's stop must not end another's answer
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, (r, _) in enumerate(rows):
@@ -137,6 +168,57 @@ class HFEngine:
                         text = self.tokenizer.decode(ids[: rows[i][0].max_tokens], skip_special_tokens=True)
                         texts[i] = cut_at_stop(text, stop)
         return per_request(requests, texts)
+
+    async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(None, self._choice_probs, prompts, choices)
+        return await asyncio.wait_for(call, self.cfg.timeout_s)
+
+    def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
+        """When every choice adds one token, one row per prompt and its next-token distribution;
+        else one row per choice, its tokens scored by teacher forcing (their log-probabilities summed)."""
+        rows: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # ids, (prompt, choice, tokens)
+        for p, prompt in enumerate(prompts):
+            context, rests = choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices)
+            if all(len(rest) == 1 for rest in rests):
+                rows.append((context, [(p, c, rest) for c, rest in enumerate(rests)]))
+            else:
+                rows += [(context + rest[:-1], [(p, c, rest)]) for c, rest in enumerate(rests)]
+        scores = [[0.0] * len(choices) for _ in prompts]
+        with self._lock:
+            for start in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[start : start + self.cfg.batch_size]
+                keep = max(len(rest) for _, targets in chunk for *_, rest in targets)
+                logprobs = self._last_logprobs([ids for ids, _ in chunk], keep)
+                for row, (_, targets) in zip(logprobs, chunk):
+                    for p, c, rest in targets:  # rows end together: the rest's t-th token is read at keep - len(rest) + t
+                        scores[p][c] = sum(row[keep - len(rest) + t, token].item() for t, token in enumerate(rest))
+        return [normalised(s) for s in scores]
+
+    def _last_logprobs(self, rows: list[list[int]], keep: int):
+        """Next-token log-probabilities at the last `keep` positions of each row, in one forward pass
+        (rows left-padded, positions counted from each row's own start)."""
+        import torch
+
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+        return out.logits.float().log_softmax(-1)
+
+    async def top_tokens(self, prompts: list[ChatPrompt], k: int) -> list[list[tuple[str, float]]]:
+        """The k likeliest next tokens after each prompt's answer start and their log-probabilities."""
+
+        def run() -> list[list[tuple[str, float]]]:
+            rows = [self.tokenizer.encode(render_prompt(self.tokenizer, p), add_special_tokens=False) for p in prompts]
+            with self._lock:
+                top = self._last_logprobs(rows, 1)[:, -1].topk(k)
+            return [[(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+                    for ids, values in zip(top.indices, top.values)]
+
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, run), self.cfg.timeout_s)
 
 
 class VLLMEngine:
@@ -172,7 +254,7 @@ class VLLMEngine:
     def _generate(self, requests: list[GenRequest]) -> list[list[str]]:
         from vllm import SamplingParams
 
-        prompts = [_render(self.tokenizer, r.prompt) for r in requests]
+        prompts = [render_prompt(self.tokenizer, r.prompt) for r in requests]
         params = [
             SamplingParams(
                 n=r.n,
@@ -186,6 +268,30 @@ class VLLMEngine:
         with self._lock:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[o.text for o in out.outputs] for out in outputs]
+
+    async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(None, self._choice_probs, prompts, choices)
+        return await asyncio.wait_for(call, self.cfg.timeout_s)
+
+    def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
+        """Each choice appended to the prompt and scored by the engine's prompt log-probabilities."""
+        from vllm import SamplingParams
+
+        seqs = []
+        for prompt in prompts:
+            context, rests = choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices)
+            seqs += [(context + rest, len(rest)) for rest in rests]
+        # prompt_logprobs=1: each prompt token's own log-probability (and the top one's, unused)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+        with self._lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
+        scores = [
+            sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids)))
+            for (ids, n), out in zip(seqs, outputs, strict=True)
+        ]
+        k = len(choices)
+        return [normalised(scores[i : i + k]) for i in range(0, len(scores), k)]
 
 
 class OpenAIEngine:
@@ -243,18 +349,48 @@ class OpenAIEngine:
         texts = await asyncio.gather(*jobs)
         return per_request(requests, list(texts))
 
-    async def _complete(self, request: GenRequest) -> str:
-        import aiohttp
+    async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float] | None]:
+        """From the top 20 first tokens of a one-token answer (so a choice of several tokens counts by
+        its first): a token counts for the one choice it begins or that it begins with, a token that
+        begins several choices (a lone space) for none."""
+        self._client()
+        return list(await asyncio.gather(*(self._choice_probs(p, choices) for p in prompts)))
 
-        prompt = request.prompt
+    async def _choice_probs(self, prompt: ChatPrompt, choices: Sequence[str]) -> list[float] | None:
+        body = {**self._body(prompt), "max_tokens": 1, "logprobs": True, "top_logprobs": 20}
+        raw = await self._post(body)
+        try:
+            top = json.loads(raw)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            tokens = [(entry["token"], float(entry["logprob"])) for entry in top]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineError(f"{self.url} answered 200 but without top_logprobs: {self._redact(raw[:200])!r}") from None
+        mass = [0.0] * len(choices)
+        for token, logprob in tokens:
+            hits = [c for c, choice in enumerate(choices) if choice.startswith(token) or token.startswith(choice)]
+            if len(hits) == 1:
+                mass[hits[0]] += math.exp(logprob)
+        total = sum(mass)
+        return [m / total for m in mass] if total else None
+
+    def _body(self, prompt: ChatPrompt) -> dict:
         messages = [{"role": role, "content": content} for role, content in prompt.messages]
-        body = {"model": self.cfg.model, "max_tokens": request.max_tokens, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
-        if prompt.stop:
-            body["stop"] = list(prompt.stop)
+        body = {"model": self.cfg.model}
         if self.prefills and prompt.answer_start:
             messages.append({"role": "assistant", "content": prompt.answer_start})
             body.update(continue_final_message=True, add_generation_prompt=False)
-        body["messages"] = messages
+        return {**body, "messages": messages}
+
+    async def _complete(self, request: GenRequest) -> str:
+        prompt = request.prompt
+        body = {**self._body(prompt), "max_tokens": request.max_tokens, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+        if prompt.stop:
+            body["stop"] = list(prompt.stop)
+        return cut_at_stop(self._answer(await self._post(body)), prompt.stop)
+
+    async def _post(self, body: dict) -> str:
+        """The text of a 200 answer to `body`, retrying 429, 5xx and connection errors with backoff."""
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
         problem = ""
         for attempt in range(self.cfg.http_retries + 1):
@@ -263,7 +399,7 @@ class OpenAIEngine:
             try:
                 async with self._semaphore, session.post(self.url, json=body, timeout=timeout) as resp:
                     if resp.status == 200:
-                        return cut_at_stop(self._answer(await resp.text()), prompt.stop)
+                        return await resp.text()
                     detail = self._redact((await resp.text())[:300])
                     problem = f"HTTP {resp.status}: {detail}"
                     if resp.status != 429 and resp.status < 500:
@@ -279,8 +415,6 @@ class OpenAIEngine:
         raise EngineError(f"{self.url} failed after {self.cfg.http_retries + 1} attempts; last: {problem}")
 
     def _answer(self, raw: str) -> str:
-        import json
-
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):

@@ -20,6 +20,10 @@ block or open a new one. A verdict is read only from the judge's own answer:
 
 A failed parse is asked again (`llm.max_retries` times); then the judgment is None, which the judge
 deployment scores at its worst and counts (`judge_failures` in metrics.jsonl), never a win.
+
+With `llm.verdict=probability` nothing is sampled or parsed: the engine gives the probability of
+each verdict in VERDICTS as the continuation of the prefilled answer start, and the judgment is the
+expected value of the verdict, graded, with no answer left unparsed.
 """
 
 from __future__ import annotations
@@ -223,6 +227,32 @@ PARSERS: dict[str, Callable[..., Verdict]] = {
     "coherence": parse_coherence,
 }
 
+# Each verdict as its parser reads it, with its value: the choices of `llm.verdict=probability` are
+# these after a template's prefilled answer start (tests check that each one parses as its value).
+VERDICTS: dict[str, dict[str, float]] = {
+    "quality": {"Conclusion: Option 1": 1.0, "Conclusion: Option 2": 0.0},
+    "safety": {"FINAL DECISION: YES": 1.0, "FINAL DECISION: NO": 0.0},
+    "coherence": {"Answer: A": 1.0, "Answer: B": 0.0, "Answer: TIE": 0.5},
+    "factuality": {json.dumps({"label": label.title()}): value for label, value in FACTUALITY_LABELS.items()},
+}
+
+
+def verdict_choices(kind: str, template: Template) -> dict[str, float]:
+    """The kind's verdicts as continuations of the template's answer start, with their values.
+
+    A template must prefill the start of its verdict line: without one, the model would be asked
+    for reasoning first, and its first words are no verdict.
+    """
+    start = template.answer_start
+    choices = {form[len(start) :]: value for form, value in VERDICTS[kind].items() if form.startswith(start)}
+    if not start or len(choices) < len(VERDICTS[kind]):
+        problem = "prefills no answer start" if not start else f"prefills {start!r}, which not every verdict begins with"
+        raise ValueError(
+            f"llm.verdict=probability reads the verdict right after a prefilled answer start, but the {kind} prompt "
+            f"{template.name} {problem} (the verdicts: {list(VERDICTS[kind])}); use {kind}_direct_v1"
+        )
+    return choices
+
 
 def prefix_ending(prefix: str, words: int = PREFIX_ENDING_WORDS) -> str:
     """The prefix's last words exactly as written (its tail from the start of the words-th last word)."""
@@ -253,6 +283,10 @@ class LLMTeacher:
         self.engine = engine
         self.cfg = cfg
         self.templates = {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds}
+        self.choices = _choices(cfg, self.templates)
+        if self.choices and not engine.prefills:
+            raise ValueError("llm.verdict=probability needs the answer start prefilled: with backend=openai, "
+                             "set llm.continue_final_message=true (for a server that supports it, as vLLM's does)")
         self.parse_failures = 0  # answers that did not parse, retried ones included
         self.last_unparsed: str | None = None  # the latest judge answer that held no verdict, as parsed
 
@@ -265,6 +299,8 @@ class LLMTeacher:
         return prompt.answer_start + text if self.engine.prefills else text
 
     async def _judge(self, kind: str, fields: list[dict[str, str]]) -> list[Verdict]:
+        if self.cfg.verdict == "probability":
+            return await self._expected(kind, fields)
         parse = PARSERS[kind]
         prompts = [self._prompt(kind, f) for f in fields]
         inputs = [list(f.values()) for f in fields]
@@ -287,6 +323,20 @@ class LLMTeacher:
                         got[i].append(verdict)
                         missing[i] -= 1
         return [mean(g) if g else None for g in got]
+
+    async def _expected(self, kind: str, fields: list[dict[str, str]]) -> list[Verdict]:
+        """Each judgment's verdict value weighted by the model's probability of giving that verdict."""
+        choices = self.choices[kind]
+        prompts = [self.templates[kind].render(**f) for f in fields]
+        verdicts = []
+        for prompt, probs in zip(prompts, await self.engine.choice_probs(prompts, list(choices)), strict=True):
+            if probs is None:  # an openai server whose top tokens held no verdict
+                self.parse_failures += 1
+                self.last_unparsed = f"{prompt.answer_start}[no verdict among the top tokens]"
+                verdicts.append(None)
+            else:
+                verdicts.append(sum(p * value for p, value in zip(probs, choices.values(), strict=True)))
+        return verdicts
 
     async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         return await self._judge("quality", [{"prefix": p.prefix, "option_1": a, "option_2": b} for p, a, b in queries])
@@ -326,10 +376,16 @@ class LLMTeacher:
 JUDGE_KINDS = ("quality", "safety", "factuality", "coherence")
 
 
+def _choices(cfg: LLMConfig, templates: dict[str, Template]) -> dict[str, dict[str, float]]:
+    """With probability verdicts, each judge kind's choices; else none."""
+    if cfg.verdict != "probability":
+        return {}
+    return {kind: verdict_choices(kind, t) for kind, t in templates.items() if kind in VERDICTS}
+
+
 def make_llm_backend(engine_name: str, cfg: LLMConfig, kinds: Sequence[str]) -> LLMTeacher:
     """Templates are loaded (and checked) before the engine, so a bad prompt fails fast."""
     from sip.serve.engines import make_engine
 
-    for kind in kinds:
-        Template.load(cfg.prompts[kind], kind)
+    _choices(cfg, {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds})
     return LLMTeacher(make_engine(engine_name, cfg), cfg, kinds)

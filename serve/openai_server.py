@@ -4,9 +4,10 @@
 
 It serves POST /v1/chat/completions and GET /v1/models on 127.0.0.1 unless told otherwise, batches
 concurrent requests into one generate call, honours `stop`, `n`, `max_tokens` and vLLM's
-`continue_final_message`, and with `--api-key-env VAR` answers 401 unless the request carries that
-key. It exists so the `openai` backend can be tested and benchmarked offline; point real runs at
-vLLM (`vllm serve`) or a hosted API.
+`continue_final_message`, answers a `logprobs` request with the most likely next token and its
+`top_logprobs` (one token, whatever `max_tokens` says), and with `--api-key-env VAR` answers 401
+unless the request carries that key. It exists so the `openai` backend can be tested and benchmarked
+offline; point real runs at vLLM (`vllm serve`) or a hosted API.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     continue_final_message: bool = False
     add_generation_prompt: bool = True
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
 
 
 class Batcher:
@@ -79,7 +82,8 @@ class Batcher:
 
 
 def make_app(model: str, served_name: str, api_key: str | None, torch_threads: int = 1, batch_size: int = 8) -> FastAPI:
-    batcher = Batcher(HFEngine(LLMConfig(model=model, torch_threads=torch_threads, batch_size=batch_size, timeout_s=600)))
+    engine = HFEngine(LLMConfig(model=model, torch_threads=torch_threads, batch_size=batch_size, timeout_s=600))
+    batcher = Batcher(engine)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -112,14 +116,21 @@ def make_app(model: str, served_name: str, api_key: str | None, torch_threads: i
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         prompt = ChatPrompt(tuple(messages), answer_start, stop)
-        texts = await batcher.submit((body.temperature, body.top_p), GenRequest(prompt, max_tokens, body.n))
+        logprobs = None
+        if body.logprobs:
+            (top,) = await engine.top_tokens([prompt], max(body.top_logprobs, 1))
+            entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
+            texts = [top[0][0]]
+            logprobs = {"content": [{**entries[0], "top_logprobs": entries[: body.top_logprobs]}]}
+        else:
+            texts = await batcher.submit((body.temperature, body.top_p), GenRequest(prompt, max_tokens, body.n))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": served_name,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": "stop"}
                 for i, text in enumerate(texts)
             ],
         }

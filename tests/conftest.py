@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 # .ci/run sets this where it has installed every extra: there a missing extra fails its tests
 # instead of skipping them, so a broken install step cannot pass as a skip.
 REQUIRE_EXTRAS = os.environ.get("SIP_REQUIRE_EXTRAS") == "1"
-EXTRA_FIXTURES = {"smollm2", "smollm2_server", "vllm_installed"}
+EXTRA_FIXTURES = {"smollm2", "smollm2_server", "vllm_installed", "trl_installed"}
 
 
 def pytest_collection_modifyitems(items):
@@ -45,6 +45,18 @@ def vllm_installed():
         if REQUIRE_EXTRAS:
             pytest.fail(f"SIP_REQUIRE_EXTRAS=1 but vLLM is not installed: {INSTALL_HINT}")
         pytest.skip(f"vLLM is not installed; to run the vLLM tests: {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="session")
+def trl_installed():
+    """Skips the test, saying how to install TRL (judge training), when it is missing."""
+    import importlib.util
+
+    hint = "pip install -e '.[judge]'"
+    if importlib.util.find_spec("trl") is None:
+        if REQUIRE_EXTRAS:
+            pytest.fail(f"SIP_REQUIRE_EXTRAS=1 but TRL is not installed: {hint}")
+        pytest.skip(f"TRL is not installed; to run the judge-training tests: {hint}")
 
 
 SERVER_KEY_ENV = "SIP_TEST_OPENAI_KEY"

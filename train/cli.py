@@ -158,6 +158,40 @@ def show_config(
     print(dump_config(resolve_config(config, overrides or [], None)), end="")
 
 
+def _train_teacher(role: str, overrides: list[str], config: Optional[Path]) -> None:
+    from sip.train import teacher_training
+
+    schema, run = {"judge": (teacher_training.JudgeTrainConfig, teacher_training.train_judge),
+                   "rewriter": (teacher_training.RewriterTrainConfig, teacher_training.train_rewriter)}[role]
+    try:
+        cfg = load_config(config, overrides, schema=schema)
+    except ConfigError as err:
+        raise fail(err, 2) from None
+    if not (Path(cfg.model).expanduser() / "config.json").exists():
+        raise fail(f"model={cfg.model}: no Hugging Face model folder there (`sip convert-smollm2` writes SmolLM2)", 2)
+    report = run(cfg)
+    console.print_json(json.dumps({k: report[k] for k in ("before", "after")}))
+    console.print(where(f"{role} in ", report["model"]).append(f" ({role}.llm.model)"))
+
+
+@app.command("train-judge")
+def train_judge(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="field=value, e.g. sft_steps=200 world.countries=20")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of the same fields")] = None,
+) -> None:
+    """Train an HF causal LM (SmolLM2 by default) as sip's judge: SFT, then GRPO, on tasks the world labels."""
+    _train_teacher("judge", overrides or [], config)
+
+
+@app.command("train-rewriter")
+def train_rewriter(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="field=value, e.g. sft_steps=200 max_tokens=48")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of the same fields")] = None,
+) -> None:
+    """Train an HF causal LM as sip's rewriter: copy clean suffixes, make corrupted ones safe and true (SFT, then GRPO)."""
+    _train_teacher("rewriter", overrides or [], config)
+
+
 @app.command("convert-smollm2")
 def convert_smollm2(
     dest: Annotated[Optional[Path], typer.Option("--dest", help="folder to write (default ~/.cache/sip/smollm2)")] = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -180,6 +180,12 @@ class LLMConfig(Section):
     )
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
+    verdict: Literal["parsed", "probability"] = Field(
+        "parsed",
+        description="parsed: sample answers and parse their verdict line; probability: the verdict's expected value "
+        "under the model's probabilities of each allowed verdict right after the prefilled answer start (graded, "
+        "never unparsed, no sampling; needs prompts that prefill, e.g. *_direct_v1, and for openai continue_final_message)",
+    )
     samples: int = Field(1, ge=1, description="samples per judgment, averaged (the paper: 5 for its fine-tuned judge)")
     max_tokens: int = Field(512, ge=1, description="longest judge answer, reasoning included")
     rewrite_max_tokens: int = Field(192, ge=1, description="longest rewrite")
@@ -428,8 +434,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SipConfig:
-    """Read a YAML file (optional), apply `a.b=value` overrides (values parsed as YAML), validate."""
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = SipConfig) -> T:
+    """Read a YAML file (optional), apply `a.b=value` overrides (values parsed as YAML), validate as `schema`."""
     tree: dict = {}
     if path is not None:
         try:
@@ -448,7 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {key}: cannot parse value '{raw}': {err}") from err
         _set_dotted(tree, key.strip(), value)
     try:
-        return SipConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
 
