@@ -38,10 +38,13 @@ def rows(out):
 
 def test_async_dpo_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
-    summary = run_training(load_config(None, TINY + ["train.steps=5", f"run.output_dir={out}"]))
+    summary = run_training(load_config(None, TINY + ["train.steps=5", "judge.audit_every=2", f"run.output_dir={out}"]))
     assert (out / "config.yaml").exists() and (out / "summary.json").exists()
     metrics = rows(out)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
+    # the judge here is the world teacher itself, so the audit against the world teacher agrees fully
+    audits = {r["step"]: r["judge_audit"] for r in metrics if "judge_audit" in r}
+    assert set(audits) == {2, 4} and all(a["pair_agreement"] == 1.0 and a["best_agreement"] == 1.0 for a in audits.values())
     for r in metrics:
         assert REQUIRED <= r.keys() or (r["trained"] == 0 and REQUIRED - {"loss", "reward_margin"} <= r.keys())
         assert set(r["chosen_rate"]) == {"suffix", "rewrite", "rollout"}

@@ -263,6 +263,10 @@ class JudgeConfig(DeploymentConfig):
         description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",
     )
     failure_window: int = Field(10, ge=1, description="steps over which judge.max_failure_rate is measured")
+    audit_every: int = Field(
+        0, ge=0, description="every this many steps, compare the judge's verdicts on the step's candidates with the "
+        "world teacher's (judge_audit in metrics.jsonl; train/judge_audit.py); 0 = off")
+    audit_samples: int = Field(4, ge=1, description="samples of the step an audit scores")
 
     @field_validator("weights")
     @classmethod
@@ -382,6 +386,12 @@ class SipConfig(Section):
         if self.rollout.weight_sync == "nccl" and self.train.num_learners > 1:
             raise ValueError("rollout.weight_sync=nccl sends from one learner rank: set train.num_learners=1 "
                              "or rollout.weight_sync=object_store")
+        return self
+
+    @model_validator(mode="after")
+    def _audit_has_a_reference(self) -> SipConfig:
+        if self.judge.audit_every and self.data.source != "world":
+            raise ValueError("judge.audit_every needs the world teacher as reference, which knows only data.source=world")
         return self
 
     @model_validator(mode="after")

@@ -63,6 +63,7 @@ class StepMetrics:
         self.judge_score = gauge("sip_judge_score", "mean judge reward of a source's candidates", "source")
         self.staleness = gauge("sip_staleness", "policy versions the last step's rollouts lagged the learner", "stat")
         self.queue_depth = gauge("sip_queue_depth", "batches waiting in a pipeline queue", "queue")
+        self.judge_audit = gauge("sip_judge_audit", "the last judge audit: agreement with the reference judge", "measure")
         self._skipped_before = Counter(skipped)
 
     def record_step(self, record: dict, fed: int, judged: int, skipped: Counter) -> None:
@@ -89,6 +90,9 @@ class StepMetrics:
         self.staleness.set(record["staleness_max"], tags={"stat": "max"})
         for queue, depth in record["queue_depth"].items():
             self.queue_depth.set(depth, tags={"queue": queue})
+        for measure, value in record.get("judge_audit", {}).items():
+            if value is not None:
+                self.judge_audit.set(value, tags={"measure": measure})
 
 
 def _add(counter, value: float, tags: dict | None = None) -> None:

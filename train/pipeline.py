@@ -33,6 +33,7 @@ from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
 from sip.train.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
 from sip.train.config import SipConfig, dump_config
 from sip.train.data import DataError, check_source
+from sip.train.judge_audit import JudgeAudit
 from sip.train.ledger import BatchLedger, Entry
 from sip.train.records import SOURCES, Batch, JudgedBatch, TrainExample
 from sip.train.run_lock import OutputLock, OutputLocked
@@ -173,6 +174,7 @@ class TrainingRun:
                              if cfg.run.eval_at_end and self.resume is None else None)
         self.weights = self.learner.publish_weights()
         self.samples_at_start = self.ledger.trained + sum(self.ledger.skipped.values())
+        self.audit = JudgeAudit(cfg) if cfg.judge.audit_every and cfg.needs_judge else None
 
     @contextmanager
     def _outputs(self):
@@ -347,6 +349,8 @@ class TrainingRun:
         step = self.ledger.step
         wall = max(now - self.last_step_end, 1e-9)
         record.update(metrics)
+        if self.audit is not None and self.audit.due(step):
+            record["judge_audit"] = self.audit.measure(judged)
         record["time_s"].update({f"worker_{k}": round(v, 4) for k, v in judged.stage_seconds.items()})
         record["time_s"]["wait"] = self.wait_seconds
         record.update(step=step, samples_per_s=len(judged.judged) / wall, time=now - self.train_start,
