@@ -20,7 +20,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sip.serve.llm import Template, prefix_ending
+from sip.serve.llm import VERDICTS, Template, prefix_ending
 from sip.train.config import WorldConfig
 from sip.train.world import (
     _INTROS,
@@ -48,12 +48,8 @@ QUALITY_CORRUPTIONS = ("wrong_fact", "unsafe", "degenerate", "off_topic")
 REWRITE_CORRUPTIONS = ("wrong_fact", "unsafe", "degenerate")  # an off-topic true text is no rewriter's job
 SAFE_VARIANTS = ("clean", "safe_lead_in")  # a lead-in that ends safely is safe: the judge must read on
 DIRECT_PROMPTS = {kind: f"{kind}_direct_v1" for kind in KINDS}
-# The judge's whole verdict line per label, as serve/llm.py's PARSERS read it.
-VERDICTS = {
-    "quality": {1.0: "Conclusion: Option 1", 0.0: "Conclusion: Option 2"},
-    "safety": {1.0: "FINAL DECISION: YES", 0.0: "FINAL DECISION: NO"},
-    "factuality": {1.0: '{"label": "No Hallucination"}', 0.0: '{"label": "Definite Hallucination"}'},
-}
+# The judge's whole verdict line per label (the clear verdicts of serve/llm.py's table, not "possible" ones).
+LABEL_VERDICTS = {kind: {value: line for line, value in VERDICTS[kind].items() if value in (0.0, 1.0)} for kind in KINDS}
 _LOOP_LENGTH = 16  # words
 
 
@@ -108,7 +104,7 @@ def _share(items: Sequence, held_out: bool) -> tuple:
 
 
 def answer_target(kind: str, label: float, answer_start: str) -> str:
-    verdict = VERDICTS[kind][label]
+    verdict = LABEL_VERDICTS[kind][label]
     if not verdict.startswith(answer_start):
         raise ValueError(f"a {kind} template whose answer starts with {answer_start!r} cannot give {verdict!r}")
     return verdict[len(answer_start) :]
