@@ -330,7 +330,7 @@ class PipelineConfig(Section):
         description="limit on one judge or rewriter request; a request that passes it is retried. Unset: the longest "
         f"that lets every try of a batch's requests, backoff included, end within {REQUEST_SHARE:.0%} of pipeline.timeout_s",
     )
-    request_retries: int = Field(3, ge=0, description="new tries of a judge or rewriter request that failed or timed out")
+    request_retries: int = Field(3, ge=0, le=20, description="new tries of a judge or rewriter request that failed or timed out")
     retry_backoff_s: float = Field(1.0, ge=0, description="first wait before a retried request; doubles each time")
 
 
