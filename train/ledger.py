@@ -106,6 +106,11 @@ class BatchLedger:
         entry.result, entry.status = result, "judged"
         return True
 
+    def mismatches(self, index: int) -> int:
+        """How often batch `index` came back holding other samples than it was fed."""
+        entry = self.entries.get(index)
+        return entry.mismatches if entry is not None else 0
+
     def lost(self, index: int, attempt: int) -> bool:
         """The attempt will never answer (its worker died): feed the batch again."""
         entry = self._current(index, attempt)

@@ -277,10 +277,10 @@ class TrainingRun:
                 elif outcome.error:
                     self._episode_failed(outcome)
                 elif not self.ledger.judged(outcome.index, outcome.attempt, outcome):
-                    entry = self.ledger.entries.get(outcome.index)
-                    if entry is not None and entry.mismatches > self.cfg.run.max_failures:
+                    mismatches = self.ledger.mismatches(outcome.index)
+                    if mismatches > self.cfg.run.max_failures:
                         self._fail(f"batch {outcome.index} came back holding other samples than it was fed "
-                                   f"{entry.mismatches} times (run.max_failures={self.cfg.run.max_failures})")
+                                   f"{mismatches} times (run.max_failures={self.cfg.run.max_failures})")
             self._feed()
             if time.monotonic() > deadline:
                 from sip.train.cluster import resource_report
