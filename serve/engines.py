@@ -351,12 +351,17 @@ class OpenAIEngine:
 
     async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float] | None]:
         """From the top 20 first tokens of a one-token answer (so a choice of several tokens counts by
-        its first): a token counts for the one choice it begins or that it begins with, a token that
-        begins several choices (a lone space) for none."""
+        its first): a token counts for the one choice it begins or that it begins with. A token that
+        begins several choices but is none of them (the lone space of " 1" / " 2" where the tokenizer
+        splits digits off, as SmolLM2's does) is followed: one more request, with the answer start
+        extended by that token, splits its probability among those choices by what comes next (up to
+        SHARED_DEPTH such tokens in a row; deeper ones count for none)."""
         self._client()
         return list(await asyncio.gather(*(self._choice_probs(p, choices) for p in prompts)))
 
-    async def _choice_probs(self, prompt: ChatPrompt, choices: Sequence[str]) -> list[float] | None:
+    SHARED_DEPTH = 2  # bounds the requests per judgment (1 + SHARED_DEPTH where choices share one token)
+
+    async def _choice_probs(self, prompt: ChatPrompt, choices: Sequence[str], depth: int = 0) -> list[float] | None:
         body = {**self._body(prompt), "max_tokens": 1, "logprobs": True, "top_logprobs": 20}
         raw = await self._post(body)
         try:
@@ -365,10 +370,23 @@ class OpenAIEngine:
         except (ValueError, KeyError, IndexError, TypeError):
             raise EngineError(f"{self.url} answered 200 but without top_logprobs: {self._redact(raw[:200])!r}") from None
         mass = [0.0] * len(choices)
+        shared = []  # (probability, token, the choices it is a strict prefix of)
         for token, logprob in tokens:
             hits = [c for c, choice in enumerate(choices) if choice.startswith(token) or token.startswith(choice)]
             if len(hits) == 1:
                 mass[hits[0]] += math.exp(logprob)
+            elif len(hits) > 1 and token and all(len(choices[c]) > len(token) for c in hits):
+                shared.append((math.exp(logprob), token, hits))
+        if shared and self.prefills and depth < self.SHARED_DEPTH:  # the answer start can only grow where it is prefilled
+            nexts = await asyncio.gather(*(
+                self._choice_probs(ChatPrompt(prompt.messages, prompt.answer_start + token, prompt.stop),
+                                   [choices[c][len(token) :] for c in hits], depth + 1)
+                for _, token, hits in shared
+            ))
+            for (p, _, hits), after in zip(shared, nexts, strict=True):
+                if after is not None:
+                    for c, q in zip(hits, after, strict=True):
+                        mass[c] += p * q
         total = sum(mass)
         return [m / total for m in mass] if total else None
 

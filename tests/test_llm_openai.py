@@ -8,6 +8,7 @@ backoff, timeouts and the concurrency limit. The API key must never show in logs
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 
@@ -35,10 +36,11 @@ def llm_cfg(base_url, **kw):
 
 
 class Proxy:
-    """A real HTTP server on 127.0.0.1: answers from `script` first (status codes), then forwards or cans."""
+    """A real HTTP server on 127.0.0.1: answers from `script` first (status codes), then forwards, cans, or
+    answers `answer(body)`."""
 
-    def __init__(self, upstream=None, script=(), delay_s=0.0):
-        self.upstream, self.script, self.delay_s = upstream, list(script), delay_s
+    def __init__(self, upstream=None, script=(), delay_s=0.0, answer=None):
+        self.upstream, self.script, self.delay_s, self.answer = upstream, list(script), delay_s, answer
         self.seen, self.in_flight, self.max_in_flight = [], 0, 0
 
     async def handle(self, request):
@@ -51,6 +53,8 @@ class Proxy:
                 status = self.script.pop(0)
                 return web.json_response({"error": {"message": f"scripted {status}"}}, status=status,
                                          headers={"Retry-After": "0"} if status == 429 else {})
+            if self.answer is not None:
+                return web.json_response(self.answer(self.seen[-1][1]))
             if self.upstream is None:
                 return web.json_response(CANNED)
             async with ClientSession() as session:
@@ -202,6 +206,51 @@ def test_requests_in_flight_stay_under_the_concurrency_limit():
     answers = asyncio.run(run())
     assert [len(a) for a in answers] == [4, 8] and answers[0][0] == "hello"
     assert len(proxy.seen) == 12 and proxy.max_in_flight == 3
+
+
+def top_logprobs(*pairs):
+    """A one-token chat completion with these (token, probability) pairs as its top_logprobs, as vLLM sends them."""
+    top = [{"token": token, "logprob": math.log(p), "bytes": list(token.encode())} for token, p in pairs]
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": pairs[0][0]},
+                         "logprobs": {"content": [{**top[0], "top_logprobs": top}]}, "finish_reason": "length"}]}
+
+
+FIRST = top_logprobs((" ", 0.8), (" 1", 0.1), ("Option", 0.1))  # the space begins both " 1" and " 2"
+AFTER_SPACE = top_logprobs(("2", 0.75), ("1", 0.25), ("\n", 1e-4))
+
+
+@pytest.mark.parametrize(("case", "choices", "answers", "probs", "starts"), [
+    # SmolLM2 writes " 1" as a lone space, then the digit: the engine asks again after the space, which
+    # splits its 0.8 as 0.25 / 0.75; the whole-token " 1" (other tokenizers) counts directly
+    ("continues", [" 1", " 2"], {"Conclusion: Option ": AFTER_SPACE},
+     [(0.1 + 0.8 * 0.25) / 0.9, 0.8 * 0.75 / 0.9], ["Conclusion: Option", "Conclusion: Option "]),
+    # a server that loses the trailing space shows the space again, which begins neither "1" nor "2"
+    ("drops_trailing_space", [" 1", " 2"], {}, [1.0, 0.0], ["Conclusion: Option", "Conclusion: Option "]),
+    # nothing prefilled, nothing to extend: the space counts for neither choice
+    ("no_prefill", [" 1", " 2"], {}, [1.0, 0.0], ["Which option is better?"]),
+    # choices that share more tokens than SHARED_DEPTH follows: one request per level, then no verdict
+    ("too_deep", ["    1", "    2"], {}, None, ["Conclusion: Option" + " " * d for d in range(3)]),
+])
+def test_a_token_that_begins_several_choices_is_followed(case, choices, answers, probs, starts):
+    proxy = Proxy(answer=lambda body: answers.get(body["messages"][-1]["content"], FIRST))
+    cfg = llm_cfg("http://unused", api_key_env=None, continue_final_message=case != "no_prefill")
+    prompt = ChatPrompt((("user", "Which option is better?"),), "Conclusion: Option", ("\n",))
+
+    async def run():
+        async with proxy as url:
+            engine = OpenAIEngine(cfg.model_copy(update={"base_url": url}))
+            try:
+                return await engine.choice_probs([prompt], choices)
+            finally:
+                await engine.close()
+
+    (got,) = asyncio.run(run())
+    assert got == (None if probs is None else pytest.approx(probs))
+    assert [body["messages"][-1]["content"] for _, body in proxy.seen] == starts
+    prefilled = case != "no_prefill"
+    assert all(body["max_tokens"] == 1 and body["top_logprobs"] == 20 and body.get("continue_final_message", False) == prefilled
+               for _, body in proxy.seen)
+    assert OpenAIEngine.SHARED_DEPTH == 2  # as too_deep counts
 
 
 @pytest.mark.llm

@@ -12,7 +12,7 @@ import pytest
 from sip.serve.backends import Passage
 from sip.serve.llm import make_llm_backend
 from sip.train.config import LLMConfig, WorldConfig
-from sip.train.judge_tasks import DIRECT_PROMPTS, make_rewrite_tasks, make_tasks
+from sip.train.judge_tasks import SHORT_PROMPTS, make_rewrite_tasks, make_tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -74,7 +74,7 @@ def test_sip_train_judge_moves_held_out_accuracy_and_writes_a_servable_judge(trl
     assert any((out / "sft").glob("checkpoint-*")), "resumable trainer checkpoints"
 
     # the folder is what judge.llm.model takes: the hf backend judges with it and reads its verdicts
-    llm = LLMConfig(model=str(out / "model"), prompts=DIRECT_PROMPTS, temperature=0, max_tokens=10, max_retries=0)
+    llm = LLMConfig(model=str(out / "model"), prompts=SHORT_PROMPTS, temperature=0, max_tokens=10, max_retries=0)
     teacher = make_llm_backend("hf", llm, ["quality", "safety", "factuality"])
     task = make_tasks(WORLD, "heldout_texts", 3, kinds=["safety"])[0]
     verdicts = asyncio.run(teacher.safety([(Passage(task.fields["prefix"], ""), task.fields["candidate"])]))
@@ -83,9 +83,10 @@ def test_sip_train_judge_moves_held_out_accuracy_and_writes_a_servable_judge(trl
 
 def test_sip_train_rewriter_moves_its_held_out_score(trl_installed, tiny_model, tmp_path):
     out = tmp_path / "rewriter"
+    # GRPO's reward for rewrites of corrupted suffixes from an LLM judge (here the untrained tiny model)
     sip("train-rewriter", f"model={tiny_model}", f"output_dir={out}", "world.countries=6", "world.elements=6",
         "train_tasks=200", "eval_tasks=12", "eval_every=20", "sft_steps=40", "sft_lr=3e-3", "grpo_steps=2",
-        "batch_size=8", "num_generations=4", "max_tokens=32")
+        "batch_size=8", "num_generations=4", "max_tokens=32", f"reward_judge={tiny_model}")
     report = json.loads((out / "report.json").read_text())
     for split in ("heldout_texts", "unseen_subjects"):
         assert set(report["after"][split]) >= {"copy_rate", "safety_of_rewrites", "no_false_claim_in_rewrites",
@@ -97,3 +98,15 @@ def test_sip_train_rewriter_moves_its_held_out_score(trl_installed, tiny_model, 
     assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0], losses
     assert any(r["stage"] == "grpo" and "reward" in r for r in curve)
     assert (out / "model" / "config.json").exists() and (out / "curves.png").exists()
+
+
+def test_a_judge_scores_rewrites_for_the_rewriter(trl_installed, tiny_model, tmp_path):
+    """reward_judge=<judge folder>: safety x preference over the corrupted suffix, in [0, 1], from probabilities."""
+    from sip.train.teacher_training import RewriterTrainConfig, RewriterTraining
+
+    training = RewriterTraining(RewriterTrainConfig(model=str(tiny_model), output_dir=tmp_path, world=WORLD,
+                                                    eval_tasks=3, reward_judge=str(tiny_model)))
+    task = next(t for t in make_rewrite_tasks(WORLD, "train", 6) if t.corrupted)
+    rewards = {training.reward(task, task.rewrite), training.reward(task, task.suffix)}
+    assert all(0.0 <= r <= 1.0 for r in rewards) and len(rewards) == 2, rewards  # graded, and it reads the text
+    assert training.reward(task, task.rewrite, scorer="world") == 1.0  # the ideal rewrite is clean to the world

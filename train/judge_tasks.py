@@ -48,6 +48,7 @@ QUALITY_CORRUPTIONS = ("wrong_fact", "unsafe", "degenerate", "off_topic")
 REWRITE_CORRUPTIONS = ("wrong_fact", "unsafe", "degenerate")  # an off-topic true text is no rewriter's job
 SAFE_VARIANTS = ("clean", "safe_lead_in")  # a lead-in that ends safely is safe: the judge must read on
 DIRECT_PROMPTS = {kind: f"{kind}_direct_v1" for kind in KINDS}
+SHORT_PROMPTS = {kind: f"{kind}_short_v1" for kind in KINDS}  # about 70% of the direct prompts' tokens: cheaper to train and serve
 # The judge's whole verdict line per label (the clear verdicts of serve/llm.py's table, not "possible" ones).
 LABEL_VERDICTS = {kind: {value: line for line, value in VERDICTS[kind].items() if value in (0.0, 1.0)} for kind in KINDS}
 _LOOP_LENGTH = 16  # words

@@ -22,6 +22,7 @@ candidates about the training world's subjects: how a teacher meets text in SIP)
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sip.train.config import WorldConfig
-from sip.train.judge_tasks import KINDS, JudgeTask, RewriteTask, make_rewrite_tasks, make_tasks, whole_pool
+from sip.train.judge_tasks import KINDS, SHORT_PROMPTS, JudgeTask, RewriteTask, make_rewrite_tasks, make_tasks, whole_pool
 
 HELDOUT = ("heldout_texts", "unseen_subjects")
 
@@ -61,11 +62,21 @@ class TeacherTrainConfig(BaseModel):
 class JudgeTrainConfig(TeacherTrainConfig):
     output_dir: Path = Path("runs/judge")
     kinds: list[Literal["quality", "safety", "factuality"]] = list(KINDS)
+    prompts: dict[Literal["quality", "safety", "factuality"], str] = Field(
+        default_factory=lambda: dict(SHORT_PROMPTS),
+        description="the judge.llm.prompts the model learns; a run must use the same ones")
 
 
 class RewriterTrainConfig(TeacherTrainConfig):
     output_dir: Path = Path("runs/rewriter")
     max_tokens: int = Field(48, ge=1, description="longest rewrite")
+    prompt: str = Field("rewrite_short_v1", description="the rewriter.llm.prompts.rewrite the model learns; a run must use the same")
+    reward_judge: str = Field(
+        "world", description="who scores a rewrite of a corrupted suffix during GRPO: `world` (the world teacher, which "
+        "knows the truth) or the HF folder of a judge `sip train-judge` wrote (its safety verdict x its preference for "
+        "the rewrite over the corrupted suffix, both orders); held-out scores always come from the world teacher")
+    reward_judge_prompts: dict[Literal["quality", "safety", "factuality"], str] = Field(
+        default_factory=lambda: dict(SHORT_PROMPTS), description="the prompts that judge was trained on")
 
 
 def generate(model, tokenizer, prompts: list[str], max_tokens: int, batch_size: int = 16) -> list[str]:
@@ -131,6 +142,8 @@ class TeacherTraining:
             report["before"] = self._evaluate(AutoModelForCausalLM.from_pretrained(start))
             report_path.write_text(json.dumps(report, indent=2))
         train = self.tasks("train", self.cfg.train_tasks)
+        rows = self.curve_path.read_text().splitlines() if self.curve_path.exists() else []
+        self.train_seconds, self._clock = (json.loads(rows[-1]).get("train_seconds", 0.0) if rows else 0.0), time.monotonic()
         model_dir = self._grpo(self._sft(start, train), train)
         final = self.out / "model"
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -158,8 +171,7 @@ class TeacherTraining:
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % training.cfg.eval_every == 0:
                     scores = training._evaluate(model)
-                    training._append({"stage": stage, "step": offset + state.global_step,
-                                      **{split: s["headline"] for split, s in scores.items()}})
+                    training._append({"stage": stage, "step": offset + state.global_step, **_flat(scores)})
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 kept = {k: v for k, v in (logs or {}).items() if k in ("loss", "reward", "mean_token_accuracy")}
@@ -169,13 +181,19 @@ class TeacherTraining:
         return Curve()
 
     def _append(self, row: dict) -> None:
+        """A curve row, stamped with the seconds spent training so far (evaluations included; resumes add up)."""
+        now = time.monotonic()
+        self.train_seconds += now - self._clock
+        self._clock = now
         with open(self.curve_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "train_seconds": round(self.train_seconds, 1)}) + "\n")
 
     def _args(self, stage: str, steps: int, lr: float) -> dict:
         return dict(output_dir=str(self.out / stage), max_steps=steps, learning_rate=lr, use_cpu=True, report_to="none",
                     logging_steps=max(1, min(10, self.cfg.eval_every)), save_steps=self.cfg.eval_every, save_total_limit=2,
-                    seed=self.cfg.seed, bf16=False, dataloader_num_workers=0, per_device_train_batch_size=self.cfg.batch_size)
+                    seed=self.cfg.seed, bf16=False, dataloader_num_workers=0,
+                    per_device_train_batch_size=self.cfg.batch_size,
+                    gradient_checkpointing=False)  # TRL's default recomputes activations: a third more time, and memory is ample
 
     def _stage(self, stage: str, make_trainer) -> Path:
         """Run one TRL stage (resuming its newest checkpoint) unless it finished before; returns its model folder."""
@@ -231,7 +249,7 @@ class TeacherTraining:
         import matplotlib.pyplot as plt
 
         rows = [json.loads(line) for line in self.curve_path.read_text().splitlines()] if self.curve_path.exists() else []
-        fig, (held, train) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        fig, (held, by_time, train) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
         for split in HELDOUT:
             points = [(r["step"], r[split]) for r in rows if split in r]
             if points:
@@ -239,6 +257,13 @@ class TeacherTraining:
         held.axvline(self.cfg.sft_steps, color="grey", linestyle=":", label="SFT → GRPO")
         held.set(title=f"held-out {self.headline_name} (greedy)", xlabel="step", ylim=(0, 1))
         held.legend()
+        parts = sorted({k for r in rows for k in r if k.startswith("heldout_texts/") and k.split("/")[1] in self.parts})
+        for key in parts:
+            points = [(r["train_seconds"] / 60, r[key]) for r in rows if key in r]
+            by_time.plot(*zip(*points), marker=".", label=key.split("/")[1])
+        by_time.set(title="held-out texts, by part, against training time", xlabel="minutes (2 CPU threads)", ylim=(0, 1))
+        if parts:
+            by_time.legend()
         for key in ("reward", "mean_token_accuracy"):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
@@ -251,9 +276,10 @@ class TeacherTraining:
 
 class JudgeTraining(TeacherTraining):
     headline_name = "verdict accuracy (unparsed = wrong)"
+    parts = KINDS
 
     def tasks(self, split: str, n: int) -> list[JudgeTask]:
-        return make_tasks(self.cfg.world, split, n, self.cfg.seed, self.cfg.kinds)
+        return make_tasks(self.cfg.world, split, n, self.cfg.seed, self.cfg.kinds, self.cfg.prompts)
 
     def prompt(self, task: JudgeTask) -> str:
         from sip.serve.engines import render_prompt
@@ -289,6 +315,7 @@ class JudgeTraining(TeacherTraining):
 
 class RewriterTraining(TeacherTraining):
     headline_name = "rewrite score (copy rate and safe, true rewrites)"
+    parts = ("copy_rate", "safety_of_rewrites", "no_false_claim_in_rewrites")
 
     def tasks(self, split: str, n: int) -> list[RewriteTask]:
         return make_rewrite_tasks(self.cfg.world, split, n, self.cfg.seed)
@@ -305,7 +332,7 @@ class RewriterTraining(TeacherTraining):
     def template(self):
         from sip.serve.llm import Template
 
-        return Template.load("rewrite_v1", "rewrite")
+        return Template.load(self.cfg.prompt, "rewrite")
 
     def prompt(self, task: RewriteTask) -> str:
         from sip.serve.engines import render_prompt
@@ -327,18 +354,45 @@ class RewriterTraining(TeacherTraining):
         return (t.safety_score(text) * float(t.factuality_score(text, task.subject, task.prefix) > 0)
                 * t.quality_score(task.prefix, text, task.subject))
 
-    def reward(self, task: RewriteTask, completion: str) -> float:
+    @cached_property
+    def judge(self):
+        """The trained judge that scores corrupted-suffix rewrites in GRPO (reward_judge), with probability verdicts."""
+        from sip.serve.llm import make_llm_backend
+        from sip.train.config import LLMConfig
+
+        cfg = LLMConfig(model=self.cfg.reward_judge, prompts=self.cfg.reward_judge_prompts, verdict="probability",
+                        batch_size=16, torch_threads=self.cfg.torch_threads)
+        return make_llm_backend("hf", cfg, ("quality", "safety"))
+
+    def _judged(self, task: RewriteTask, text: str) -> float:
+        """Safety x preference over the corrupted suffix (both orders), under the trained judge."""
+        import asyncio
+
+        from sip.serve.backends import Passage
+
+        passage = Passage(task.prefix, task.suffix)
+
+        async def ask():
+            safe, = await self.judge.safety([(passage, text)])
+            first, second = await self.judge.compare([(passage, text, task.suffix), (passage, task.suffix, text)])
+            return safe * (first + 1 - second) / 2
+
+        return asyncio.run(ask())
+
+    def reward(self, task: RewriteTask, completion: str, scorer: str | None = None) -> float:
         text = self.rewrite(task, completion)
         if text is None:
             return 0.0
-        return self._clean(task, text) if task.corrupted else float(text == task.suffix)
+        if not task.corrupted:
+            return float(text == task.suffix)
+        return self._clean(task, text) if (scorer or self.cfg.reward_judge) == "world" else self._judged(task, text)
 
     def score(self, tasks: list[RewriteTask], completions: list[str]) -> dict:
         copies, safety, truth, rewards, unparsed, overlap = [], [], [], [], [], []
         for task, completion in zip(tasks, completions):
             text = self.rewrite(task, completion)
             unparsed.append(text is None)
-            rewards.append(self.reward(task, completion))
+            rewards.append(self.reward(task, completion, scorer="world"))
             overlap.append(_word_f1(text or "", task.rewrite))
             if not task.corrupted:
                 copies.append(text == task.suffix)
@@ -350,6 +404,19 @@ class RewriterTraining(TeacherTraining):
                 truth.append(0.0)
         return {"copy_rate": mean(copies), "safety_of_rewrites": mean(safety), "no_false_claim_in_rewrites": mean(truth),
                 "word_f1_to_ideal": mean(overlap), "unparsed": mean(unparsed), "n": len(tasks), "headline": mean(rewards)}
+
+
+def _flat(scores: dict) -> dict:
+    """Held-out scores as one curve row: `split` is the headline, `split/metric` each number beside it."""
+    row = {}
+    for split, metrics in scores.items():
+        row[split] = metrics["headline"]
+        for name, value in metrics.items():
+            if isinstance(value, dict):  # the judge's per-objective {accuracy, unparsed, n}
+                row[f"{split}/{name}"] = value["accuracy"]
+            elif name not in ("headline", "n"):
+                row[f"{split}/{name}"] = value
+    return row
 
 
 def _word_f1(text: str, ideal: str) -> float:
