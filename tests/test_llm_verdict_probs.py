@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sip.serve.backends import Passage
-from sip.serve.engines import ChatPrompt, HFEngine, OpenAIEngine
+from sip.serve.engines import ChatPrompt, HFEngine, OpenAIEngine, choice_tokens, make_engine, render_prompt
 from sip.serve.llm import (
     JUDGE_KINDS,
     PARSERS,
@@ -255,26 +255,140 @@ def accuracy(truth_scores: list[float | None]) -> float:
     return sum(0.0 if s is None else 0.5 if s == 0.5 else float(s > 0.5) for s in truth_scores) / len(truth_scores)
 
 
-def test_smollm2_parsed_and_probability_verdicts_on_capitals(smollm2):
+# hf and vllm both score in float32; only their kernels differ (summation order, vLLM's own CPU attention):
+# measured here, they differ by at most 1e-5 on a choice's probability and 4e-6 on a verdict. 1e-3 allows
+# 100 times that, and is still 20 times smaller than what the scoring bugs this guards against do to
+# these prompts: a choice scored by its first token only moves factuality's probabilities by 0.02-0.06,
+# " 1" / " 2" scored by their shared lone space makes quality 0.5 (0.3 or more off), and each token read
+# from its neighbour position's distribution moves every kind by 0.16-0.97.
+VLLM_TOLERANCE = 1e-3
+PROBABILITY_PROMPTS = {kind: sorted(p.stem for p in PROMPT_DIR.glob(f"{kind}_*_v1.txt") if p.stem.endswith(("_short_v1", "_direct_v1")))
+                       for kind in VERDICTS}
+
+
+class SmolLM2Engines:
+    """SmolLM2 behind each in-process backend, both in float32, each built on first use and kept for the
+    module (vLLM's takes about a minute to start here), with each backend's verdicts kept by key."""
+
+    def __init__(self, folder: Path):
+        self.cfg = LLMConfig(model=str(folder), dtype="float32", temperature=1.0, torch_threads=2, batch_size=8,
+                             timeout_s=900, max_model_len=1024, enforce_eager=True)
+        self.engines: dict = {}
+        self.verdicts: dict = {}
+
+    def __call__(self, backend: str):
+        if backend not in self.engines:
+            self.engines[backend] = make_engine(backend, self.cfg)
+        return self.engines[backend]
+
+    def probability_verdicts(self, backend: str, kind: str, template: str, queries: list) -> list:
+        key = (backend, kind, template, repr(queries))
+        if key not in self.verdicts:
+            judge = LLMTeacher(NoSampling(self(backend)), LLMConfig(verdict="probability", prompts={kind: template}), (kind,))
+            ask = {"quality": judge.compare, "coherence": judge.coherence, "safety": judge.safety, "factuality": judge.factuality}
+            self.verdicts[key] = asyncio.run(ask[kind](queries))
+            assert judge.parse_failures == 0
+        return self.verdicts[key]
+
+
+@pytest.fixture(scope="module")
+def smollm2_engines(smollm2):
+    engines = SmolLM2Engines(smollm2)
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it, for the whole process, with a no-op
+    yield engines
+    if "vllm" in engines.engines:
+        from sip.actors.vllm_adapter import shutdown
+
+        shutdown(engines.engines["vllm"].llm)
+    torch.set_num_threads = set_num_threads
+
+
+def need(backend: str, request) -> None:
+    if backend == "vllm":
+        request.getfixturevalue("vllm_installed")
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_smollm2_parsed_and_probability_verdicts_on_capitals(backend, smollm2_engines, request):
     """Which continuation names the capital, asked in both orders: 40 judgments per mode. SmolLM2's
-    accuracy is printed, never asserted (it is near chance); probability verdicts leave none unparsed."""
-    hf = HFEngine(LLMConfig(model=str(smollm2), temperature=1.0, torch_threads=2, batch_size=8, timeout_s=900))
+    accuracy is printed, never asserted (it is near chance); probability verdicts leave none unparsed,
+    and vllm's are hf's (on the same prompts, within VLLM_TOLERANCE)."""
+    need(backend, request)
+    engine = smollm2_engines(backend)
     queries, truth = [], []
     for country, right, wrong in CAPITALS:
         queries += [(passage(country), f" {right}.", f" {wrong}."), (passage(country), f" {wrong}.", f" {right}.")]
         truth += [1.0, 0.0]
     for verdict in ("parsed", "probability"):
-        judge = LLMTeacher(hf, LLMConfig(verdict=verdict, prompts=DIRECT, max_tokens=4, max_retries=0), ("quality",))
         start = time.perf_counter()
-        got = asyncio.run(judge.compare(queries))
+        if verdict == "parsed":
+            judge = LLMTeacher(engine, LLMConfig(verdict=verdict, prompts=DIRECT, max_tokens=4, max_retries=0), ("quality",))
+            got = asyncio.run(judge.compare(queries))
+        else:
+            got = smollm2_engines.probability_verdicts(backend, "quality", DIRECT["quality"], queries)
         seconds = (time.perf_counter() - start) / len(queries)
         unparsed = got.count(None) / len(got)
         truth_score = [None if v is None else v if t == 1.0 else 1 - v for v, t in zip(got, truth)]
         # over both orders of a pair, which cancels position bias
         pairs = [None if None in truth_score[i : i + 2] else sum(truth_score[i : i + 2]) / 2 for i in range(0, len(got), 2)]
         mean_verdict = sum(v for v in got if v is not None) / max(1, len(got) - got.count(None))
-        print(f"\nSmolLM2 {verdict}: accuracy {accuracy(truth_score):.2f} per judgment, {accuracy(pairs):.2f} per pair "
+        print(f"\nSmolLM2 {backend} {verdict}: accuracy {accuracy(truth_score):.2f} per judgment, {accuracy(pairs):.2f} per pair "
               f"over both orders; unparsed {unparsed:.2f}; mean verdict {mean_verdict:.2f}; {seconds:.2f} s per judgment")
         if verdict == "probability":
-            assert unparsed == 0 and judge.parse_failures == 0
-            assert all(0 < v < 1 for v in got)
+            assert unparsed == 0
+            assert all(v is not None and 0 < v < 1 for v in got), got
+            if backend != "hf":
+                expected = smollm2_engines.probability_verdicts("hf", "quality", DIRECT["quality"], queries)
+                print(f"SmolLM2 {backend} - hf probability verdicts: at most {max(abs(g - e) for g, e in zip(got, expected)):.1e}")
+                assert got == pytest.approx(expected, abs=VLLM_TOLERANCE)
+
+
+def judge_queries(kind: str) -> list:
+    """Three judgments of the kind on the capitals: pairs of a right and a wrong continuation, in both
+    orders; single continuations wrong, right, wrong (the reference, for factuality, the right one)."""
+    bad = {"safety": " {}, you idiot.", "coherence": " {0} {0} {0}."}.get(kind, " {}.")
+    queries = []
+    for i, (country, right, wrong) in enumerate(CAPITALS[:3]):
+        good, worse = f" {right}.", bad.format(wrong)
+        if kind in ("quality", "coherence"):
+            queries.append((passage(country), *((good, worse) if i % 2 == 0 else (worse, good))))
+        else:
+            queries.append((Passage(passage(country).prefix, good), good if i % 2 else worse))
+    return queries
+
+
+def test_vllm_probability_verdicts_are_hfs_for_every_short_and_direct_prompt(smollm2_engines, vllm_installed):
+    """vLLM's choice probabilities, and the verdicts from them, against hf's on every prompt that prefills
+    its verdict line, for every judge kind. SmolLM2's tokenizer splits a choice such as " 1" into a lone
+    space and "1", " YES" into " Y" and "ES", and the factuality labels into up to 6 tokens: every token
+    of a choice must be scored, from where the choices' tokens part."""
+    hf, vllm = smollm2_engines("hf"), smollm2_engines("vllm")
+    assert set(PROBABILITY_PROMPTS) == set(JUDGE_KINDS) and all(PROBABILITY_PROMPTS.values())
+    worst, longest = 0.0, 0
+    for kind, names in PROBABILITY_PROMPTS.items():
+        for name in names:
+            template = Template.load(name, kind)
+            choices = verdict_choices(kind, template)
+            queries = judge_queries(kind)
+            fields = [{"prefix": p.prefix, "option_1": a, "option_2": b} for p, a, b in queries] if kind in ("quality", "coherence") \
+                else [{"prefix": p.prefix, "candidate": c} | ({"reference": p.suffix} if kind == "factuality" else {}) for p, c in queries]
+            prompts = [template.render(**f) for f in fields]
+            _, rests = choice_tokens(hf.tokenizer, render_prompt(hf.tokenizer, prompts[0]), list(choices))
+            longest = max(longest, *map(len, rests))
+            if kind == "quality":  # the lone space is shared, so scored by neither: each choice is its digit
+                assert [len(hf.tokenizer.encode(c, add_special_tokens=False)) for c in choices] == [2, 2]
+                assert [hf.tokenizer.decode(r) for r in rests] == ["1", "2"]
+            expected = asyncio.run(hf.choice_probs(prompts, list(choices)))
+            got = asyncio.run(vllm.choice_probs(prompts, list(choices)))
+            for g, e in zip(got, expected, strict=True):
+                assert g is not None and len(g) == len(choices) and math.isclose(sum(g), 1.0, abs_tol=1e-9)
+                assert all(0 <= p <= 1 for p in g)
+                assert g == pytest.approx(e, abs=VLLM_TOLERANCE), (name, g, e)
+                worst = max(worst, *(abs(a - b) for a, b in zip(g, e)))
+            verdicts = smollm2_engines.probability_verdicts("vllm", kind, name, queries)
+            assert all(v is not None and 0 <= v <= 1 for v in verdicts), (name, verdicts)
+            assert verdicts == pytest.approx([sum(p * v for p, v in zip(e, choices.values())) for e in expected], abs=VLLM_TOLERANCE)
+            print(f"\n{name}: choices as tokens {[hf.tokenizer.convert_ids_to_tokens(r) for r in rests]}; "
+                  f"vllm {[[round(p, 4) for p in g] for g in got]}")
+    assert longest == 6  # "Definite Hallucination\"}" after '{"label": "'
+    print(f"vllm - hf choice probabilities: at most {worst:.1e}")

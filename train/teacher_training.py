@@ -43,16 +43,17 @@ class TeacherTrainConfig(BaseModel):
     model: str = Field("~/.cache/sip/smollm2", description="HF causal LM folder to start from (`sip convert-smollm2` writes the default)")
     output_dir: Path
     world: WorldConfig = WorldConfig()
+    # The defaults are the measured SmolLM2 judge run of docs/results.md (about an hour on 2 cores).
     train_tasks: int = Field(3000, ge=1)
-    eval_tasks: int = Field(150, ge=3, description="tasks per held-out set")
+    eval_tasks: int = Field(60, ge=3, description="tasks per held-out set")
     eval_every: int = Field(25, ge=1, description="steps between held-out evaluations and checkpoints")
-    sft_steps: int = Field(150, ge=0)
-    sft_lr: float = Field(5e-5, gt=0)
-    grpo_steps: int = Field(100, ge=0)
-    grpo_lr: float = Field(5e-6, gt=0)
+    sft_steps: int = Field(75, ge=0)
+    sft_lr: float = Field(2e-4, gt=0)
+    grpo_steps: int = Field(10, ge=0)
+    grpo_lr: float = Field(1e-5, gt=0)
     num_generations: int = Field(4, ge=2, description="GRPO: answers sampled per prompt")
     temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature")
-    batch_size: int = Field(16, ge=1, description="prompts per step (SFT), sampled answers per step (GRPO)")
+    batch_size: int = Field(8, ge=1, description="prompts per step (SFT), sampled answers per step (GRPO)")
     max_tokens: int = Field(12, ge=1, description="longest answer")
     torch_threads: int = Field(2, ge=1)
     seed: int = 0
@@ -68,8 +69,15 @@ class JudgeTrainConfig(TeacherTrainConfig):
 
 
 class RewriterTrainConfig(TeacherTrainConfig):
+    # The measured SmolLM2 rewriter run of docs/results.md (about 45 minutes on 2 shared cores).
     output_dir: Path = Path("runs/rewriter")
-    max_tokens: int = Field(48, ge=1, description="longest rewrite")
+    train_tasks: int = Field(2000, ge=1)
+    eval_tasks: int = Field(30, ge=3, description="tasks per held-out set")
+    eval_every: int = Field(20, ge=1, description="steps between held-out evaluations and checkpoints")
+    sft_steps: int = Field(20, ge=0)
+    sft_lr: float = Field(1e-4, gt=0)
+    grpo_steps: int = Field(3, ge=0)
+    max_tokens: int = Field(40, ge=1, description="longest rewrite")
     prompt: str = Field("rewrite_short_v1", description="the rewriter.llm.prompts.rewrite the model learns; a run must use the same")
     reward_judge: str = Field(
         "world", description="who scores a rewrite of a corrupted suffix during GRPO: `world` (the world teacher, which "
