@@ -69,7 +69,11 @@ def test_sip_train_judge_moves_held_out_accuracy_and_writes_a_servable_judge(trl
         assert after["unparsed"] < before["unparsed"], (split, before, after)  # it learned the verdict format
         assert after["accuracy"] > before["accuracy"], (split, before, after)
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in curve} == {"sft", "grpo"} and any("reward" in r for r in curve)
+    assert [r["stage"] for r in curve][::len(curve) - 1] == ["before", "after"] and any("reward" in r for r in curve)
+    assert {r["stage"] for r in curve} == {"before", "sft", "grpo", "after"}
+    assert all(f"heldout_texts/{kind}" in curve[-1] for kind in ("quality", "safety", "factuality"))
+    seconds = [r["train_seconds"] for r in curve]
+    assert seconds == sorted(seconds) and seconds[-1] > 0  # the curve against training time
     assert (out / "curves.png").stat().st_size > 0
     assert any((out / "sft").glob("checkpoint-*")), "resumable trainer checkpoints"
 

@@ -146,18 +146,21 @@ class TeacherTraining:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         report_path = self.out / "report.json"
         report = json.loads(report_path.read_text()) if self.cfg.resume and report_path.exists() else {}
+        rows = [json.loads(line) for line in self.curve_path.read_text().splitlines()] if self.curve_path.exists() else []
+        self.train_seconds = max((r.get("train_seconds", 0.0) for r in rows), default=0.0)
+        self._clock = time.monotonic()
         if "before" not in report:
             report["before"] = self._evaluate(AutoModelForCausalLM.from_pretrained(start))
             report_path.write_text(json.dumps(report, indent=2))
+            self._append({"stage": "before", "step": 0, **_flat(report["before"])})
         train = self.tasks("train", self.cfg.train_tasks)
-        rows = self.curve_path.read_text().splitlines() if self.curve_path.exists() else []
-        self.train_seconds, self._clock = (json.loads(rows[-1]).get("train_seconds", 0.0) if rows else 0.0), time.monotonic()
         model_dir = self._grpo(self._sft(start, train), train)
         final = self.out / "model"
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         model.save_pretrained(final)
         self.tokenizer.save_pretrained(final)
         report.update(after=self._evaluate(model), model=str(final), config=self.cfg.model_dump(mode="json"))
+        self._append({"stage": "after", "step": self.cfg.sft_steps + self.cfg.grpo_steps, **_flat(report["after"])})
         report_path.write_text(json.dumps(report, indent=2))
         self._plot()
         return report
@@ -269,13 +272,13 @@ class TeacherTraining:
         for key in parts:
             points = [(r["train_seconds"] / 60, r[key]) for r in rows if key in r]
             by_time.plot(*zip(*points), marker=".", label=key.split("/")[1])
-        by_time.set(title="held-out texts, by part, against training time", xlabel="minutes (2 CPU threads)", ylim=(0, 1))
+        by_time.set(title="held-out texts, by part, against training time", xlabel="minutes of training, evaluations included", ylim=(0, 1))
         if parts:
             by_time.legend()
         for key in ("reward", "mean_token_accuracy"):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                train.plot(*zip(*points), label=key)
+                train.plot(*zip(*points), marker=".", label=key)
         train.set(title="training: GRPO reward, SFT token accuracy", xlabel="step", ylim=(0, 1))
         train.legend()
         fig.savefig(self.out / "curves.png", dpi=110)
