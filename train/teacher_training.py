@@ -270,7 +270,7 @@ class TeacherTraining:
         held.legend()
         parts = sorted({k for r in rows for k in r if k.startswith("heldout_texts/") and k.split("/")[1] in self.parts})
         for key in parts:
-            points = [(r["train_seconds"] / 60, r[key]) for r in rows if key in r]
+            points = [(r["train_seconds"] / 60, r[key]) for r in rows if key in r and "train_seconds" in r]
             by_time.plot(*zip(*points), marker=".", label=key.split("/")[1])
         by_time.set(title="held-out texts, by part, against training time", xlabel="minutes of training, evaluations included", ylim=(0, 1))
         if parts:
