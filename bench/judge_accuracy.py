@@ -1,6 +1,7 @@
 """Accuracy of an LLM judge on held-out world tasks, read both ways a run can read it.
 
     python bench/judge_accuracy.py --model runs/judge/model [--prompts short] [--tasks 60] [--threads 2]
+    python bench/judge_accuracy.py --model world     # the world teacher (the oracle), for reference
 
 For each held-out set of `sip train-judge` (heldout_texts, unseen_subjects) and each objective:
 - greedy: the verdict parsed from a greedy answer (unparsed counts as wrong), as `report.json` scores it;
@@ -19,38 +20,48 @@ from statistics import mean
 
 from sip.serve.backends import Passage
 from sip.serve.llm import make_llm_backend
+from sip.serve.world_teacher import WorldTeacher
 from sip.train.config import LLMConfig, WorldConfig
-from sip.train.judge_tasks import DIRECT_PROMPTS, KINDS, SHORT_PROMPTS, make_tasks
+from sip.train.judge_tasks import DIRECT_PROMPTS, KINDS, SHORT_PROMPTS, make_tasks, whole_pool
+from sip.train.world import World
 
 PROMPTS = {"short": SHORT_PROMPTS, "direct": DIRECT_PROMPTS}
 
 
+def passage(task) -> Passage:
+    """What a run sends: the prefix, the original suffix (the factuality reference), the subject (used by the world teacher only)."""
+    return Passage(task.fields["prefix"], task.fields.get("reference", ""), {"subject": task.subject})
+
+
 async def accuracy(model: str, prompts: dict[str, str], tasks, threads: int) -> dict[str, dict[str, float]]:
-    common = dict(model=model, prompts=prompts, batch_size=16, torch_threads=threads)
-    greedy = make_llm_backend("hf", LLMConfig(**common, temperature=0, max_tokens=12, max_retries=0), KINDS)
-    graded = make_llm_backend("hf", LLMConfig(**common, verdict="probability"), KINDS)
+    if model == "world":  # knows every subject of the pools, the unseen ones too; its verdicts need no parsing
+        greedy = graded = WorldTeacher(World.from_config(whole_pool(WorldConfig())))
+    else:
+        common = dict(model=model, prompts=prompts, batch_size=16, torch_threads=threads)
+        greedy = make_llm_backend("hf", LLMConfig(**common, temperature=0, max_tokens=12, max_retries=0), KINDS)
+        graded = make_llm_backend("hf", LLMConfig(**common, verdict="probability"), KINDS)
     right = defaultdict(lambda: defaultdict(list))
     for kind in KINDS:
         mine = [t for t in tasks if t.kind == kind]
         if kind == "quality":
-            queries = [(Passage(t.fields["prefix"], ""), t.fields["option_1"], t.fields["option_2"]) for t in mine]
+            queries = [(passage(t), t.fields["option_1"], t.fields["option_2"]) for t in mine]
             swapped = [(p, b, a) for p, a, b in queries]
             first, second = await graded.compare(queries), await graded.compare(swapped)
             probability = [(f + 1 - s) / 2 for f, s in zip(first, second)]
             parsed = await greedy.compare(queries)
         else:
-            queries = [(Passage(t.fields["prefix"], t.fields.get("reference", "")), t.fields["candidate"]) for t in mine]
+            queries = [(passage(t), t.fields["candidate"]) for t in mine]
             probability = await getattr(graded, kind)(queries)
             parsed = await getattr(greedy, kind)(queries)
         for t, p, g in zip(mine, probability, parsed):
             right[kind]["probability"].append((p > 0.5) == (t.label == 1.0))
-            right[kind]["greedy"].append(g == t.label)
+            right[kind]["greedy"].append(g is not None and (g > 0.5) == (t.label == 1.0) if model == "world" else g == t.label)
     return {kind: {how: mean(v) for how, v in by.items()} for kind, by in right.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="HF folder of the judge")
+    parser.add_argument("--model", required=True, help="HF folder of the judge, or `world` for the world teacher")
     parser.add_argument("--prompts", choices=sorted(PROMPTS), default="short")
     parser.add_argument("--tasks", type=int, default=60, help="tasks per held-out set (a third per objective)")
     parser.add_argument("--threads", type=int, default=2)
