@@ -235,3 +235,18 @@ def test_thousands_of_tasks_per_cpu_second():
     for split in SPLITS:
         make_tasks(CFG, split, 1000, seed=9)
     assert 3000 / (time.process_time() - start) > 1000
+
+
+def test_judge_accuracy_bench_scores_the_world_teacher():
+    """bench/judge_accuracy.py runs end to end; the oracle is right on every safety and factuality task."""
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench" / "judge_accuracy.py"
+    done = subprocess.run([sys.executable, str(bench), "--model", "world", "--tasks", "12"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| heldout") or line.startswith("| unseen")]
+    assert len(rows) == 6, done.stdout
+    for split, kind, greedy, probability in rows:
+        if kind.strip() in ("safety", "factuality"):
+            assert float(greedy) == float(probability) == 1.0, (split, kind, greedy, probability)
