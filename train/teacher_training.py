@@ -69,7 +69,7 @@ class JudgeTrainConfig(TeacherTrainConfig):
 
 
 class RewriterTrainConfig(TeacherTrainConfig):
-    # The measured SmolLM2 rewriter run of docs/results.md (about 45 minutes on 2 shared cores).
+    # The measured SmolLM2 rewriter run of docs/results.md (about 32 minutes of training on 2 shared cores).
     output_dir: Path = Path("runs/rewriter")
     train_tasks: int = Field(2000, ge=1)
     eval_tasks: int = Field(30, ge=3, description="tasks per held-out set")
