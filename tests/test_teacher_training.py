@@ -114,3 +114,20 @@ def test_a_judge_scores_rewrites_for_the_rewriter(trl_installed, tiny_model, tmp
     rewards = {training.reward(task, task.rewrite), training.reward(task, task.suffix)}
     assert all(0.0 <= r <= 1.0 for r in rewards) and len(rewards) == 2, rewards  # graded, and it reads the text
     assert training.reward(task, task.rewrite, scorer="world") == 1.0  # the ideal rewrite is clean to the world
+
+
+def test_train_layers_freezes_everything_below_the_top_blocks(trl_installed, tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sip.train.teacher_training import JudgeTrainConfig, JudgeTraining
+
+    cfg = JudgeTrainConfig(model=str(tiny_model), output_dir=tmp_path, world=WORLD, train_tasks=48, eval_tasks=3,
+                           eval_every=50, sft_steps=3, sft_lr=3e-3, grpo_steps=1, max_tokens=4, train_layers=1)
+    JudgeTraining(cfg).run()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    changed = {name for name, weight in trained.items() if not torch.equal(weight, start[name])}
+    assert changed and all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed), sorted(changed)
+    with pytest.raises(ValueError, match="train_layers=3, but .* has 2 blocks"):
+        JudgeTraining(cfg.model_copy(update={"train_layers": 3, "output_dir": tmp_path / "too_many"})).run()
