@@ -175,38 +175,62 @@ class HFEngine:
         return await asyncio.wait_for(call, self.cfg.timeout_s)
 
     def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
-        """When every choice adds one token, one row per prompt and its next-token distribution;
-        else one row per choice, its tokens scored by teacher forcing (their log-probabilities summed)."""
-        rows: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # ids, (prompt, choice, tokens)
-        for p, prompt in enumerate(prompts):
-            context, rests = choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices)
-            if all(len(rest) == 1 for rest in rests):
-                rows.append((context, [(p, c, rest) for c, rest in enumerate(rests)]))
-            else:
-                rows += [(context + rest[:-1], [(p, c, rest)]) for c, rest in enumerate(rests)]
-        scores = [[0.0] * len(choices) for _ in prompts]
+        """Each choice's tokens scored by teacher forcing (their log-probabilities summed), normalised.
+
+        The prompt and the tokens the choices share are read once per prompt; only the choices' own
+        tokens after the first run once per choice, on a copy of the prompt's KV cache.
+        """
+        parts = [choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices) for prompt in prompts]
+        scores = []
         with self._lock:
-            for start in range(0, len(rows), self.cfg.batch_size):
-                chunk = rows[start : start + self.cfg.batch_size]
-                keep = max(len(rest) for _, targets in chunk for *_, rest in targets)
-                logprobs = self._last_logprobs([ids for ids, _ in chunk], keep)
-                for row, (_, targets) in zip(logprobs, chunk):
-                    for p, c, rest in targets:  # rows end together: the rest's t-th token is read at keep - len(rest) + t
-                        scores[p][c] = sum(row[keep - len(rest) + t, token].item() for t, token in enumerate(rest))
+            for start in range(0, len(parts), self.cfg.batch_size):
+                chunk = parts[start : start + self.cfg.batch_size]
+                scores += self._score_rests([context for context, _ in chunk], [rests for _, rests in chunk])
         return [normalised(s) for s in scores]
 
-    def _last_logprobs(self, rows: list[list[int]], keep: int):
-        """Next-token log-probabilities at the last `keep` positions of each row, in one forward pass
-        (rows left-padded, positions counted from each row's own start)."""
+    def _score_rests(self, contexts: list[list[int]], rests: list[list[list[int]]]) -> list[list[float]]:
+        import torch
+
+        ids, mask, positions = self._left_padded(contexts)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=True)
+            first = out.logits[:, -1].float().log_softmax(-1)
+            scores = [[first[b, rest[0]].item() for rest in row] for b, row in enumerate(rests)]
+            longest = max(len(rest) for row in rests for rest in row)
+            if longest == 1:
+                return scores
+            # every choice feeds its tokens but the last, right-padded, after a copy of its prompt's cache
+            n, pad = len(rests[0]), self.tokenizer.pad_token_id
+            fed = torch.tensor([rest[:-1] + [pad] * (longest - len(rest)) for row in rests for rest in row])
+            fed_mask = torch.tensor([[1] * (len(rest) - 1) + [0] * (longest - len(rest)) for row in rests for rest in row])
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            lengths = mask.sum(-1).repeat_interleave(n)
+            logits = self.model(input_ids=fed, attention_mask=torch.cat([mask.repeat_interleave(n, 0), fed_mask], -1),
+                                position_ids=lengths[:, None] + torch.arange(longest - 1), past_key_values=cache).logits
+            later = logits.float().log_softmax(-1)
+        for b, row in enumerate(rests):
+            for c, rest in enumerate(row):
+                scores[b][c] += sum(later[b * n + c, t - 1, token].item() for t, token in enumerate(rest) if t > 0)
+        return scores
+
+    def _left_padded(self, rows: list[list[int]]):
+        """Token ids, attention mask and positions of left-padded rows (positions counted from each row's start)."""
         import torch
 
         width = max(map(len, rows))
         ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _next_logprobs(self, rows: list[list[int]]):
+        """Next-token log-probabilities after each row, in one forward pass."""
+        import torch
+
+        ids, mask, positions = self._left_padded(rows)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
-        return out.logits.float().log_softmax(-1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float().log_softmax(-1)
 
     async def top_tokens(self, prompts: list[ChatPrompt], k: int) -> list[list[tuple[str, float]]]:
         """The k likeliest next tokens after each prompt's answer start and their log-probabilities."""
@@ -214,7 +238,7 @@ class HFEngine:
         def run() -> list[list[tuple[str, float]]]:
             rows = [self.tokenizer.encode(render_prompt(self.tokenizer, p), add_special_tokens=False) for p in prompts]
             with self._lock:
-                top = self._last_logprobs(rows, 1)[:, -1].topk(k)
+                top = self._next_logprobs(rows).topk(k)
             return [[(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
                     for ids, values in zip(top.indices, top.values)]
 
