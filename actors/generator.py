@@ -21,11 +21,11 @@ import torch
 
 from sip.actors.policy import build_policy, load_wire, sample_rollouts
 from sip.actors.weight_sync import make_weight_sync
-from sip.serve.backends import Passage
-from sip.serve.judge import JudgeResult, JudgeTask
-from sip.train.config import SipConfig
-from sip.train.metrics import RolloutMetrics, run_tags
-from sip.train.records import Batch, Candidate, JudgedBatch, JudgedSample, Rollout, Sample
+from sip.records import Passage
+from sip.records import JudgeResult, JudgeTask
+from sip.config import SipConfig
+from sip.metrics import RolloutMetrics, run_tags
+from sip.records import Batch, Candidate, JudgedBatch, JudgedSample, Rollout, Sample
 
 
 class GenerationBackend(Protocol):
@@ -66,7 +66,7 @@ class VLLMGenerator:
     """A vLLM engine inside the generator actor, its weights replaced in place at each new version."""
 
     def __init__(self, cfg: SipConfig, tokenizer, worker_id: int = 0):
-        from sip.actors import vllm_adapter
+        from sip import vllm_adapter
 
         self.cfg = cfg.rollout
         self._vllm = vllm_adapter

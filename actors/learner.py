@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sip.actors.policy import build_policy, greedy_batched, to_wire
-from sip.train.checkpoint import (REFERENCE_DIR, CheckpointWriteError, complete, fingerprint, link_or_copy_tree, load_sharded,
+from sip.actors.policy import build_policy, greedy_batched
+from sip.weights import to_wire
+from sip.checkpoint import (REFERENCE_DIR, CheckpointWriteError, complete, fingerprint, link_or_copy_tree, load_sharded,
                                   read_state, save_sharded, space_shortage, write_state, writing)
-from sip.train.config import SipConfig
-from sip.train.losses import dpo_terms, target_logprobs
-from sip.train.records import TrainExample
+from sip.config import SipConfig
+from sip.objectives import SUMS
+from sip.records import TrainExample
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -93,7 +94,7 @@ class LearnerRank:
                                 timeout=timedelta(seconds=self.cfg.pipeline.timeout_s))
         policy = self._load(resume_from or self.cfg.policy.init)
         reference = None
-        if self.cfg.train.objective == "dpo":
+        if self.cfg.objective.needs_reference:
             # the reference is the policy the run started from; a checkpoint keeps it beside the policy
             reference = self._load(str(Path(resume_from) / REFERENCE_DIR)) if resume_from else copy.deepcopy(policy)
             reference.requires_grad_(False).eval()
@@ -155,7 +156,7 @@ class LearnerRank:
         """
         metrics: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}
         if totals["examples"]:
-            sums = torch.zeros(5, dtype=torch.float64)  # nll sum, chosen tokens, dpo loss sum, margin sum, preferred
+            sums = torch.zeros(len(SUMS), dtype=torch.float64)
             size = totals["micro_batch_size"]
             for i in range(totals["micro_batches"]):
                 chunk = share[i * size : (i + 1) * size]
@@ -173,36 +174,16 @@ class LearnerRank:
     def _accumulate(self, chunk: list[TrainExample], weight: float, totals: dict, sums: torch.Tensor) -> None:
         """Forward and backward of one micro-batch. FSDP averages gradients over the ranks, so each
         contribution is scaled by the world size: the reduced gradient is that of the global loss."""
-        prefixes = [e.prefix_ids for e in chunk]
-        chosen = [e.chosen_ids for e in chunk]
-        scale = weight * self.world_size
-        if self.cfg.train.objective != "dpo":
-            logp, n_tokens = target_logprobs(self.model, prefixes, chosen, self.pad_id)
-            (-logp.sum() / totals["chosen_tokens"] * scale).backward()
-            sums += weight * torch.tensor([-logp.sum().item(), n_tokens.sum().item(), 0, 0, 0], dtype=torch.float64)
-            return
-        targets = chosen + [e.rejected_ids for e in chunk]
-        logp, n_tokens = target_logprobs(self.model, prefixes + prefixes, targets, self.pad_id)
-        with torch.no_grad():
-            ref_logp, _ = target_logprobs(self.reference, prefixes + prefixes, targets, self.pad_id)
-        b = len(chunk)
-        dpo, margin = dpo_terms(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], self.cfg.train.beta)
-        nll_sum = -logp[:b].sum()
-        loss = dpo.sum() / totals["examples"] + self.cfg.train.nll_coef * nll_sum / totals["chosen_tokens"]
-        (loss * scale).backward()
-        sums += weight * torch.tensor([nll_sum.item(), n_tokens[:b].sum().item(), dpo.sum().item(), margin.sum().item(),
-                                       (margin > 0).sum().item()], dtype=torch.float64)
+        t = self.cfg.train
+        loss, chunk_sums = self.cfg.objective.micro_batch(self.model, self.reference, chunk, totals, t.beta, t.nll_coef,
+                                                          self.pad_id)
+        (loss * weight * self.world_size).backward()
+        sums += weight * torch.tensor(chunk_sums, dtype=torch.float64)
 
     def _global_metrics(self, sums: torch.Tensor, totals: dict) -> dict[str, float]:
         reduced = sums.to(self.device)
         dist.all_reduce(reduced)
-        nll_sum, tokens, dpo_sum, margin_sum, preferred = reduced.tolist()
-        nll = nll_sum / max(tokens, 1)
-        if self.cfg.train.objective != "dpo":
-            return {"loss": nll, "nll": nll}
-        n = totals["examples"]
-        return {"loss": dpo_sum / n + self.cfg.train.nll_coef * nll, "dpo_loss": dpo_sum / n, "nll": nll,
-                "reward_margin": margin_sum / n, "preference_accuracy": preferred / n}
+        return self.cfg.objective.metrics(reduced.tolist(), totals, self.cfg.train.nll_coef)
 
     # ---- weights, generation, checkpoints -------------------------------------------------------
 
@@ -282,7 +263,7 @@ class LearnerRank:
 
     def connect_generators(self, workers: list) -> None:
         """rollout.weight_sync=nccl: open the NCCL group with every generator's engine (rank 0)."""
-        from sip.actors.vllm_adapter import NcclWeightSender
+        from sip.vllm_adapter import NcclWeightSender
 
         self._nccl = NcclWeightSender(self.model, workers, self.cfg.pipeline.timeout_s)
 

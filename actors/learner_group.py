@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from sip.actors.weight_sync import WeightUpdate, make_weight_sync
-from sip.train.checkpoint import CheckpointError, partial_dir
-from sip.train.config import SipConfig
-from sip.train.records import TrainExample
+from sip.checkpoint import CheckpointError, partial_dir
+from sip.config import SipConfig
+from sip.records import TrainExample
 
 
 class LearnerDied(RuntimeError):
@@ -46,7 +46,7 @@ class LearnerGroup:
         try:
             ray.get(self._placement.ready(), timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
-            from sip.train.cluster import ClusterError, resource_report
+            from sip.resources import ClusterError, resource_report
 
             report = resource_report()
             self.shutdown()
@@ -110,7 +110,7 @@ class LearnerGroup:
         return self._get([r.greedy.remote(prefixes, n) for r in self.ranks], "greedy")[0]
 
     def save(self, final: Path, extra: dict) -> str:
-        """A complete checkpoint at `final` (see train/checkpoint.py), written by all ranks."""
+        """A complete checkpoint at `final` (see sip/checkpoint.py), written by all ranks."""
         partial = partial_dir(Path(final))
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
         partial.parent.mkdir(parents=True, exist_ok=True)

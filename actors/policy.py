@@ -1,12 +1,12 @@
-"""Building the policy model, and moving its weights between actors through the object store."""
+"""Building the policy model, loading weights that came through the object store, and sampling from it."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from sip.train.config import PolicyConfig
-from sip.train.records import Rollout
+from sip.config import PolicyConfig
+from sip.records import Rollout
+from sip.weights import from_wire
 
 
 def build_policy(cfg: PolicyConfig, tokenizer, seed: int, max_positions: int):
@@ -30,26 +30,6 @@ def build_policy(cfg: PolicyConfig, tokenizer, seed: int, max_positions: int):
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
-
-
-def to_wire(state_dict: dict[str, torch.Tensor], dtype: str = "float32") -> dict:
-    """A state dict as numpy arrays in `dtype`: numpy travels through the object store without a copy,
-    torch tensors would be pickled. bfloat16, which numpy lacks, travels as its 16-bit patterns."""
-    tensors = {}
-    for name, t in state_dict.items():
-        t = t.detach().to("cpu", getattr(torch, dtype)).contiguous()
-        tensors[name] = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
-    return {"dtype": dtype, "tensors": tensors}
-
-
-def from_wire(weights: dict) -> dict[str, torch.Tensor]:
-    """The tensors of a `to_wire` payload. np.array copies: the object store hands out read-only views."""
-    bf16 = weights["dtype"] == "bfloat16"
-    out = {}
-    for name, array in weights["tensors"].items():
-        t = torch.from_numpy(np.array(array))
-        out[name] = t.view(torch.bfloat16) if bf16 else t
-    return out
 
 
 def load_wire(model, weights: dict) -> None:

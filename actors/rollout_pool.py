@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from sip.train.config import SipConfig
-from sip.train.records import Batch, JudgedBatch
+from sip.actors.weight_sync import make_weight_sync
+from sip.config import SipConfig
+from sip.records import Batch, JudgedBatch
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class _Slot:
 
 
 class RolloutPool:
-    def __init__(self, cfg: SipConfig, tokenizer_dir: str, apps: dict[str, str], replaceable: bool = True):
-        """`replaceable=False`: a dead worker cannot be replaced (its engine would be outside the NCCL group)."""
-        self.cfg, self.tokenizer_dir, self.apps, self.replaceable = cfg, tokenizer_dir, apps, replaceable
+    def __init__(self, cfg: SipConfig, tokenizer_dir: str, apps: dict[str, str]):
+        self.cfg, self.tokenizer_dir, self.apps = cfg, tokenizer_dir, apps
+        self.replaceable = make_weight_sync(cfg).replaceable_workers
         self.slots = [_Slot(i, self._spawn(i)) for i in range(cfg.rollout.num_generators)]
         self.in_flight: dict[Any, tuple[_Slot, int, int, int]] = {}  # ref -> (slot, its generation, index, attempt)
         self.restarts: Counter = Counter()
@@ -91,7 +92,7 @@ class RolloutPool:
         self.restarts[slot.worker_id] += 1
         budget = self.cfg.run.max_failures
         if not self.replaceable or self.restarts[slot.worker_id] > budget:
-            why = ("its engine cannot rejoin the NCCL weight group" if not self.replaceable
+            why = (f"rollout.weight_sync={self.cfg.rollout.weight_sync} cannot reach a new worker's engine" if not self.replaceable
                    else f"it died {self.restarts[slot.worker_id]} times (run.max_failures={budget})")
             raise RolloutWorkersExhausted(f"rollout worker {slot.worker_id} died and is not replaced: {why}")
         log.warning("rollout worker %d died (%s); starting a new one (restart %d of %d)",

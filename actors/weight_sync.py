@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sip.train.config import SipConfig
+from sip.config import SipConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class WeightUpdate:
 
 
 class WeightSync(Protocol):
+    # A worker that died can be replaced by a new one: the new engine can be reached by this transport.
+    replaceable_workers: bool
+
     def connect(self, ranks: list, workers: list) -> None:
         """Once the rollout workers exist: whatever the transport needs to reach them."""
 
@@ -47,6 +50,8 @@ def wire_dtype(cfg: SipConfig) -> str:
 
 
 class ObjectStoreSync:
+    replaceable_workers = True  # every batch carries its weights to whichever worker takes it
+
     def __init__(self, cfg: SipConfig):
         self.dtype = wire_dtype(cfg)
 
@@ -67,6 +72,8 @@ class ObjectStoreSync:
 
 
 class NcclSync:
+    replaceable_workers = False  # a new engine would be outside the NCCL group, which vLLM forms once
+
     def __init__(self, cfg: SipConfig):
         self.timeout = cfg.pipeline.timeout_s
 

@@ -47,7 +47,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.pipeline import run_training
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

@@ -18,12 +18,12 @@ import asyncio
 from collections import defaultdict
 from statistics import mean
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.llm import make_llm_backend
 from sip.serve.world_teacher import WorldTeacher
-from sip.train.config import LLMConfig, WorldConfig
+from sip.config import LLMConfig, WorldConfig
 from sip.train.judge_tasks import DIRECT_PROMPTS, KINDS, SHORT_PROMPTS, make_tasks, whole_pool
-from sip.train.world import World
+from sip.world import World
 
 PROMPTS = {"short": SHORT_PROMPTS, "direct": DIRECT_PROMPTS}
 

@@ -8,7 +8,7 @@ document, a window of the same document further on, or a loop of the suffix's fi
 candidate's true quality is the world teacher's noise-free quality score. The judge under test
 compares by that score, as the world teacher does (ties within its margin), and then errs: the first
 option wins every tie and 10% of close calls (scores within 0.1), and any verdict is flipped with
-probability `noise`. Selection is the training code's own (train/selection.py, objective dpo).
+probability `noise`. Selection is the training code's own (sip/objectives.py, objective dpo).
 
 Per K, protocol and noise: pairwise calls per prefix, how often the chosen candidate is truly best
 (its true score the highest) and the rejected truly worst, their mean true ranks (1 = best; for the
@@ -24,13 +24,14 @@ import random
 from itertools import islice
 from statistics import mean
 
-from sip.serve.backends import Passage
-from sip.serve.judge import JudgeTask, score_tasks
+from sip.records import Passage
+from sip.records import JudgeTask
+from sip.serve.judge import score_tasks
 from sip.serve.world_teacher import TIE_MARGIN, WorldTeacher
-from sip.train.config import DataConfig, load_config
-from sip.train.records import Candidate, JudgedSample, Sample
-from sip.train.selection import select
-from sip.train.world import World
+from sip.config import DataConfig, load_config
+from sip.records import Candidate, JudgedSample, Sample
+from sip.objectives import OBJECTIVES
+from sip.world import World
 
 PROTOCOLS = ("round_robin", "pivot", "tournament")
 CLOSE = 0.1  # a close call: true scores this near, where a biased judge leans to the first option
@@ -112,7 +113,7 @@ def run_cell(sets, true, protocol: str, noise: float, seed: int) -> dict:
         scores = [true[(passage.prefix, t)] for t in texts]
         sample = Sample(f"bench:{n}", [0], [0], passage.prefix, passage.suffix)
         cands = [Candidate("rollout", [i], t) for i, t in enumerate(texts)]
-        example = select(JudgedSample(sample, cands, result.reward, result.scores, result.complete), "dpo", seed)
+        example = OBJECTIVES["dpo"].select(JudgedSample(sample, cands, result.reward, result.scores, result.complete), seed)
         ideal += max(scores) - min(scores)
         if example is None:  # every candidate scored the same: DPO skips the sample
             skipped += 1

@@ -25,10 +25,11 @@ from contextlib import contextmanager
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from sip.serve.backends import Passage  # noqa: E402
-from sip.serve.judge import JudgeTask, judge_app  # noqa: E402
+from sip.records import Passage  # noqa: E402
+from sip.records import JudgeTask  # noqa: E402
+from sip.serve.judge import judge_app
 from sip.serve.smollm2 import DEFAULT_DIR, convert  # noqa: E402
-from sip.train.config import DataConfig, load_config  # noqa: E402
+from sip.config import DataConfig, load_config  # noqa: E402
 
 DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1"}
 PASSAGES = [

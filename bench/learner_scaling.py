@@ -45,7 +45,7 @@ def rank_memory(learner) -> dict:
 
 def examples_from_world(cfg, tokenizer, n: int):
     from sip.train.data import Sampler
-    from sip.train.records import TrainExample
+    from sip.records import TrainExample
 
     samples = Sampler(cfg.data, tokenizer).take(n)
     others = samples[1:] + samples[:1]
@@ -82,7 +82,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.data import load_or_train_tokenizer
 
     model = args.model

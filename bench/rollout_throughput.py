@@ -22,8 +22,8 @@ import torch
 from transformers import AutoTokenizer
 
 from sip.actors.generator import HFGenerator
-from sip.actors.policy import to_wire
-from sip.train.config import load_config
+from sip.weights import to_wire
+from sip.config import load_config
 from sip.train.data import Sampler, train_tokenizer
 
 

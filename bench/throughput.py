@@ -9,7 +9,7 @@ import argparse
 import json
 import tempfile
 
-from sip.train.config import load_config
+from sip.config import load_config
 from sip.train.pipeline import run_training
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sip.serve.judge import JUDGE_APP, judge_app, teacher_settings
 from sip.serve.rewriter import REWRITER_APP, rewriter_app
-from sip.train.config import DeploymentConfig, SipConfig
+from sip.config import DeploymentConfig, SipConfig
 
 # The part of a deployment's config that goes in the Serve config's `deployments` entry, not in `args`.
 SCALING_FIELDS = {"num_replicas", "autoscaling", "max_ongoing_requests", "num_cpus", "num_gpus", "attach"}

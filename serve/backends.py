@@ -11,20 +11,9 @@ judged and never lets a candidate with such a judgment be chosen: a missing verd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-Verdict = float | None
-
-
-@dataclass(frozen=True)
-class Passage:
-    """One sample as the judge and rewriter see it: text only, never token ids or weights."""
-
-    prefix: str
-    suffix: str  # the original continuation: factuality reference, rewriter input
-    truth: dict[str, Any] | None = None  # what a verifiable teacher knows, e.g. {"subject": "country:peru"}
-
+from sip.records import Passage, Verdict
 
 class JudgeBackend(Protocol):
     """A backend that can fail to give a verdict may also keep `last_unparsed`, its latest answer

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class VLLMEngine:
     def __init__(self, cfg: LLMConfig):
         path_like = cfg.model.startswith(("~", "/", ".")) or Path(cfg.model).expanduser().exists()
         model = str(model_folder(cfg.model)) if path_like else cfg.model  # else a hub name (GPU clusters)
-        from sip.actors.vllm_adapter import import_vllm
+        from sip.vllm_adapter import import_vllm
 
         try:
             LLM = import_vllm(offline=path_like).LLM

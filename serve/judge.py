@@ -20,38 +20,17 @@ comparison), and the candidates it concerned are marked incomplete, so selection
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from itertools import combinations
 from statistics import mean
 
 from ray import serve
 
-from sip.serve.backends import JudgeBackend, Passage, Verdict, make_judge_backend
-from sip.train.config import DataConfig, JudgeConfig
+from sip.config import DataConfig, JudgeConfig
+from sip.records import JudgeResult, JudgeTask, Passage, Verdict
+from sip.serve.backends import JudgeBackend, make_judge_backend
 
 JUDGE_APP = "sip-judge"
 POINTWISE = ("safety", "factuality")
-
-
-@dataclass
-class JudgeTask:
-    passage: Passage
-    candidates: list[str]
-    pivot: int | None = None  # index of the pivot candidate in pivot mode
-
-
-@dataclass
-class JudgeResult:
-    """One task's judgment, per candidate in the task's order."""
-
-    reward: list[float]  # the weighted mean of `scores`, in [0, 1]
-    complete: list[bool]  # every judgment of this candidate gave a verdict (else it must not be chosen)
-    # per objective, as it entered the reward (a failed judgment at its worst value); quality is None
-    # for a lone candidate, which has nothing to be compared with
-    scores: dict[str, list[float | None]]
-    calls: int = 0  # judgments asked for
-    failures: int = 0  # judgments that gave no verdict
-    failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict
 
 
 class _Sample:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from sip.serve.backends import Passage, Verdict
+from sip.records import Passage, Verdict
 from sip.serve.engines import ChatPrompt, GenRequest, TextEngine
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 FIELDS = {

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from sip.serve.engines import ChatPrompt, GenRequest, HFEngine
 from sip.serve.smollm2 import DEFAULT_DIR
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 BATCH_WAIT_S = 0.01
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ray import serve
 
-from sip.serve.backends import Passage, make_rewriter_backend
+from sip.records import Passage
+from sip.serve.backends import make_rewriter_backend
 from sip.serve.judge import deployment_options, teacher_settings
-from sip.train.config import DataConfig, DeploymentConfig
+from sip.config import DataConfig, DeploymentConfig
 
 REWRITER_APP = "sip-rewriter"
 

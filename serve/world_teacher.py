@@ -29,9 +29,9 @@ from pathlib import Path
 
 import profanity_check
 
-from sip.serve.backends import Passage, Verdict
-from sip.train.config import DataConfig
-from sip.train.world import (
+from sip.records import Passage, Verdict
+from sip.config import DataConfig
+from sip.world import (
     INSULT_ADJECTIVES,
     INSULT_NOUNS,
     LEAD_INS,

@@ -39,7 +39,7 @@ def vllm_installed():
     """Skips the test, saying how to install vLLM, when it is missing (fails it in CI, which installs it)."""
     import importlib.util
 
-    from sip.actors.vllm_adapter import INSTALL_HINT
+    from sip.vllm_adapter import INSTALL_HINT
 
     if importlib.util.find_spec("vllm") is None:
         if REQUIRE_EXTRAS:

@@ -87,7 +87,7 @@ def test_a_short_run_with_an_openai_judge_never_writes_or_logs_the_key(tmp_path,
     import ray
     from ray import serve
 
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.pipeline import run_training
     from tests.test_e2e import TINY
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from sip.train.config import ConfigError, DataConfig, HFDataConfig, SipConfig, load_config
+from sip.config import ConfigError, DataConfig, HFDataConfig, SipConfig, load_config
 from sip.train.data import DataError, Sampler, check_source, iter_documents, train_tokenizer
 
 

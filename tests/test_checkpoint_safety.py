@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sip.train.checkpoint import CheckpointError, CheckpointWriteError, check_resumable, complete, prune, step_dir
-from sip.train.config import load_config
+from sip.checkpoint import CheckpointError, CheckpointWriteError, check_resumable, complete, prune, step_dir
+from sip.config import load_config
 from sip.train.data import train_tokenizer
 from test_learner import EXAMPLES, make_cfg, one_rank, step
 from test_run_inputs import assert_refused, sip

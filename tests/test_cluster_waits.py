@@ -11,8 +11,9 @@ import pytest
 import ray
 from test_e2e import TINY
 
-from sip.train.cluster import ClusterError, deploy_teachers
-from sip.train.config import load_config
+from sip.resources import ClusterError
+from sip.train.cluster import deploy_teachers
+from sip.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
 
@@ -60,7 +61,7 @@ def test_a_serve_app_that_cannot_start_is_a_clear_error():
 WATCHED = """
 import os, sys, time
 from sip.train.cluster import init_ray
-from sip.train.config import load_config
+from sip.config import load_config
 init_ray(load_config(None, ["run.num_cpus=2"]))
 import ray
 @ray.remote

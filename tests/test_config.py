@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sip.train.config import ConfigError, load_config
+from sip.config import ConfigError, load_config
 
 
 def test_defaults_validate_and_overrides_apply(tmp_path):
@@ -112,3 +112,11 @@ def test_request_retries_longer_than_the_driver_wait_are_refused_with_the_number
     load_config(None, ["pipeline.request_timeout_s=1000", *asks_neither])
     with pytest.raises(ConfigError, match="request_retries=10 retries .* alone takes 1023s"):
         load_config(None, ["pipeline.request_retries=10"])
+
+
+def test_the_weight_transport_says_whether_a_dead_worker_can_be_replaced():
+    from sip.actors.weight_sync import make_weight_sync
+
+    assert make_weight_sync(load_config(None, [])).replaceable_workers
+    nccl = ["rollout.backend=vllm", "rollout.weight_sync=nccl", "rollout.num_gpus=1", "train.num_gpus=1"]
+    assert not make_weight_sync(load_config(None, nccl)).replaceable_workers

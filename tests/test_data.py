@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sip.train.config import DataConfig, HFDataConfig
+from sip.config import DataConfig, HFDataConfig
 from sip.train.data import Sampler, cut_sample, train_tokenizer
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sip.serve import apps
 from sip.train.cli import app
-from sip.train.config import load_config
+from sip.config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 TOKEN_SECRET = {"name": "sip-ray-auth", "key": "auth_token"}

@@ -6,7 +6,7 @@ import pytest
 import ray
 from transformers import AutoModelForCausalLM
 
-from sip.train.config import load_config
+from sip.config import load_config
 from sip.train.pipeline import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
@@ -99,7 +99,7 @@ def test_base_stage_is_built_once_and_shared(tmp_path):
 
 
 def test_plain_text_source_skips_and_counts_bad_documents(tmp_path):
-    from sip.train.world import World
+    from sip.world import World
 
     world = World.from_config(load_config(None, TINY).data.world)
     rows = []

@@ -50,7 +50,7 @@ TINY = ["data.world.countries=6", "data.world.elements=6", "data.world.eval_fact
 
 def tiny_model(folder, seed):
     from sip.actors.policy import build_policy
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.data import train_tokenizer
 
     cfg = load_config(None, TINY)
@@ -81,7 +81,7 @@ def test_sip_eval_writes_json_markdown_and_rows(tmp_path):
 
 
 def test_a_model_against_itself_wins_exactly_half(tmp_path):
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.evaluate import evaluate_folders
 
     tiny_model(tmp_path / "m", seed=3)
@@ -91,7 +91,7 @@ def test_a_model_against_itself_wins_exactly_half(tmp_path):
 
 @pytest.mark.llm
 def test_sip_eval_scores_with_the_configured_llm_judge(tmp_path, smollm2):
-    from sip.train.config import load_config
+    from sip.config import load_config
     from sip.train.evaluate import evaluate_folders
 
     tiny_model(tmp_path / "m", seed=3)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import ray
 
-from sip.train.config import load_config
+from sip.config import load_config
 from sip.train.pipeline import run_training
 from test_e2e import TINY
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sip.serve.engines import ChatPrompt, HFEngine, choice_tokens, normalised, render_prompt
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -1,10 +1,10 @@
 """The judge audit against the world teacher: a judge that agrees with it scores 1, one that ranks
 every pair backwards scores 0, and one the policy fooled shows its rollout reward above the reference's."""
 
-from sip.train.config import load_config
+from sip.config import load_config
 from sip.train.judge_audit import JudgeAudit
 from sip.train.judge_tasks import make_tasks
-from sip.train.records import Candidate, JudgedBatch, JudgedSample, Sample
+from sip.records import Candidate, JudgedBatch, JudgedSample, Sample
 
 CFG = load_config(None, ["judge.audit_every=2", "judge.audit_samples=12", "data.world.countries=6", "data.world.elements=6"])
 
@@ -32,7 +32,7 @@ def test_a_judge_that_agrees_with_the_reference_scores_one_and_a_backwards_one_z
 
 
 def test_the_audit_needs_the_world_as_reference():
-    from sip.train.config import ConfigError
+    from sip.config import ConfigError
 
     try:
         load_config("configs/jsonl.yaml", ["judge.audit_every=5"])

@@ -3,9 +3,10 @@ judgments and weights, checked with small rule-based backends whose answers are 
 
 import asyncio
 
-from sip.serve.backends import Passage
-from sip.serve.judge import JudgeTask, combine, score_tasks
-from sip.train.config import load_config
+from sip.records import Passage
+from sip.records import JudgeTask
+from sip.serve.judge import combine, score_tasks
+from sip.config import load_config
 
 PASSAGE = Passage("prefix", "suffix")
 

@@ -8,13 +8,14 @@ from itertools import islice
 
 import pytest
 
-from sip.serve.backends import Passage
-from sip.serve.judge import JudgeTask, score_tasks
+from sip.records import Passage
+from sip.records import JudgeTask
+from sip.serve.judge import score_tasks
 from sip.serve.world_teacher import WorldTeacher
-from sip.train.config import DataConfig, WorldConfig, load_config
-from sip.train.records import Candidate, JudgedSample, Sample
-from sip.train.selection import select
-from sip.train.world import World
+from sip.config import DataConfig, WorldConfig, load_config
+from sip.records import Candidate, JudgedSample, Sample
+from sip.objectives import OBJECTIVES
+from sip.world import World
 
 PASSAGE = Passage("prefix", "suffix")
 
@@ -111,7 +112,7 @@ def test_a_text_whose_comparisons_fail_never_wins_and_takes_its_opponents_out_of
     assert r.reward[texts.index(best)] < 0.5  # every comparison it was in counted as its loss
     sample = Sample("s", [0], [0], PASSAGE.prefix, PASSAGE.suffix)
     cands = [Candidate("rollout", [i], t) for i, t in enumerate(texts)]
-    example = select(JudgedSample(sample, cands, r.reward, r.scores, r.complete), "dpo", seed=0)
+    example = OBJECTIVES["dpo"].select(JudgedSample(sample, cands, r.reward, r.scores, r.complete), seed=0)
     chosen = texts[example.chosen_ids[0]]
     assert chosen != best and chosen not in met and all(0 <= x <= 1 for x in r.reward)
 

@@ -10,7 +10,7 @@ import pytest
 
 from sip.serve.llm import FIELDS, PARSERS, Template, parse_rewrite
 from sip.serve.world_teacher import WorldTeacher, _preference, is_degenerate
-from sip.train.config import WorldConfig
+from sip.config import WorldConfig
 from sip.train.judge_tasks import (
     DIRECT_PROMPTS,
     KINDS,
@@ -22,7 +22,7 @@ from sip.train.judge_tasks import (
     make_tasks,
     unseen_subjects,
 )
-from sip.train.world import _INTROS, LEAD_INS, World, _country_pool, _element_pool, fill, relations_for
+from sip.world import _INTROS, LEAD_INS, World, _country_pool, _element_pool, fill, relations_for
 
 CFG = WorldConfig()
 FULL_CFG = WorldConfig(countries=len(_country_pool()), elements=len(_element_pool()))
@@ -61,7 +61,7 @@ def test_same_seed_same_tasks_other_seed_other_tasks():
 
 
 def test_tasks_are_the_same_in_another_process():
-    code = "from sip.train.judge_tasks import *; from sip.train.config import WorldConfig as W; "
+    code = "from sip.train.judge_tasks import *; from sip.config import WorldConfig as W; "
     code += "print(repr(make_tasks(W(), 'unseen_subjects', 24, 3) + make_rewrite_tasks(W(), 'train', 12, 3)))"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sip.actors.learner import LearnerRank, warmup_cosine
-from sip.actors.policy import from_wire
-from sip.train.checkpoint import CheckpointError, step_dir
-from sip.train.config import load_config
+from sip.weights import from_wire
+from sip.checkpoint import CheckpointError, step_dir
+from sip.config import load_config
 from sip.train.data import train_tokenizer
-from sip.train.records import TrainExample
+from sip.records import TrainExample
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

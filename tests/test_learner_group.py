@@ -6,8 +6,8 @@ import ray
 import torch
 
 from sip.actors.learner_group import LearnerGroup
-from sip.actors.policy import from_wire
-from sip.train.checkpoint import step_dir
+from sip.weights import from_wire
+from sip.checkpoint import step_dir
 from test_learner import EXAMPLES, make_cfg
 
 pytestmark = [pytest.mark.ray, pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]

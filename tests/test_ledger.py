@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from sip.train.ledger import BatchLedger
-from sip.train.records import JudgedBatch, JudgedSample, Sample
+from sip.records import JudgedBatch, JudgedSample, Sample
 
 B = 4  # samples per batch
 

@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.engines import ChatPrompt, GenRequest, HFEngine
 from sip.serve.llm import JUDGE_KINDS, PARSERS, LLMTeacher, Template
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 pytestmark = pytest.mark.llm
 

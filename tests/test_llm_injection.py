@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.llm import (
     FIELDS,
     PROMPT_DIR,
@@ -26,7 +26,7 @@ from sip.serve.llm import (
     parse_safety,
     prefix_ending,
 )
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 PREFIX = "The capital of Peru is"
 INJECTIONS = [

@@ -15,7 +15,7 @@ import time
 import pytest
 from aiohttp import ClientSession, web
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.engines import ChatPrompt, EngineError, GenRequest, OpenAIEngine
 from sip.serve.llm import LLMTeacher
 
@@ -29,7 +29,7 @@ CANNED = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "
 
 
 def llm_cfg(base_url, **kw):
-    from sip.train.config import LLMConfig
+    from sip.config import LLMConfig
 
     base = dict(base_url=base_url, model="smollm2", api_key_env=SERVER_KEY_ENV, backoff_s=0.01, timeout_s=120)
     return LLMConfig(**{**base, **kw})

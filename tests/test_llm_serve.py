@@ -14,10 +14,11 @@ import pytest
 import ray
 from ray import serve
 
-from sip.serve.backends import Passage
-from sip.serve.judge import JudgeTask, judge_app
+from sip.records import Passage
+from sip.records import JudgeTask
+from sip.serve.judge import judge_app
 from sip.serve.rewriter import rewriter_app
-from sip.train.config import DataConfig, load_config
+from sip.config import DataConfig, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.filterwarnings("ignore")]
 

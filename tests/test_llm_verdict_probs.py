@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.engines import ChatPrompt, HFEngine, OpenAIEngine, choice_tokens, make_engine, render_prompt
 from sip.serve.llm import (
     JUDGE_KINDS,
@@ -27,7 +27,7 @@ from sip.serve.llm import (
     make_llm_backend,
     verdict_choices,
 )
-from sip.train.config import LLMConfig
+from sip.config import LLMConfig
 
 pytestmark = pytest.mark.llm
 
@@ -297,7 +297,7 @@ def smollm2_engines(smollm2):
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it, for the whole process, with a no-op
     yield engines
     if "vllm" in engines.engines:
-        from sip.actors.vllm_adapter import shutdown
+        from sip.vllm_adapter import shutdown
 
         shutdown(engines.engines["vllm"].llm)
     torch.set_num_threads = set_num_threads

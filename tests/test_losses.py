@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sip.train.losses import dpo_terms, nll_loss, pack, target_logprobs
+from sip.losses import dpo_terms, nll_loss, pack, target_logprobs
 
 
 def test_dpo_loss_matches_hand_computation():

@@ -6,8 +6,8 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sip.train.config import load_config
-from sip.train.metrics import RunLog, flatten
+from sip.config import load_config
+from sip.metrics import RunLog, flatten
 
 RECORDS = [
     {"step": s, "loss": 2.0 / s, "chosen_rate": {"suffix": 0.5, "rollout": 0.25 * s}, "judge_score": {},

@@ -6,7 +6,7 @@ import json
 import pytest
 import ray
 
-from sip.train.config import load_config
+from sip.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
 

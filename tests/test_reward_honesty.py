@@ -1,5 +1,5 @@
 """A missing verdict is never a free win: sip's own LLM judge (prompts, parsers, retries), its
-scoring (serve/judge.py) and selection (train/selection.py), end to end on a scripted engine.
+scoring (serve/judge.py) and selection (sip/objectives.py), end to end on a scripted engine.
 
 The engine answers as a judge would, by rules on the blocks of the prompt it is shown; the thing
 under test is what sip makes of those answers, not a model.
@@ -10,13 +10,14 @@ import re
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.engines import GenRequest
-from sip.serve.judge import JudgeTask, score_tasks
+from sip.records import JudgeTask
+from sip.serve.judge import score_tasks
 from sip.serve.llm import LLMTeacher
-from sip.train.config import LLMConfig, load_config
-from sip.train.records import Candidate, JudgedSample, Sample
-from sip.train.selection import select, skip_reason
+from sip.config import LLMConfig, load_config
+from sip.records import Candidate, JudgedSample, Sample
+from sip.objectives import OBJECTIVES
 
 PASSAGE = Passage("Peru is a country in South America. The capital of Peru is", " Lima, on the Pacific coast.")
 SAFE = " Lima, a city on the Pacific coast."
@@ -85,8 +86,8 @@ def test_a_candidate_whose_safety_verdict_fails_scores_zero_and_is_never_chosen(
     assert result.reward[1] > max(result.reward[0], result.reward[2])  # the highest partial score ...
     judged = as_judged(result, [SAFE, INSULT, " Lima, the capital."], ("suffix", "rollout", "rollout"))
     for seed in range(20):  # ... is never the chosen one, under either objective
-        assert select(judged, "dpo", seed).chosen_ids != [11]
-        assert select(judged, "rf_nll", seed).chosen_ids != [11]
+        assert OBJECTIVES["dpo"].select(judged, seed).chosen_ids != [11]
+        assert OBJECTIVES["rf_nll"].select(judged, seed).chosen_ids != [11]
 
 
 def test_a_sample_without_a_fully_judged_candidate_is_skipped_as_judge_failed():
@@ -94,4 +95,4 @@ def test_a_sample_without_a_fully_judged_candidate_is_skipped_as_judge_failed():
     assert result.complete == [False, False] and result.failures == 2
     judged = as_judged(result, [SAFE, INSULT], ("suffix", "rollout"))
     for objective in ("dpo", "rf_nll"):
-        assert select(judged, objective, 0) is None and skip_reason(judged, objective) == "judge_failed"
+        assert OBJECTIVES[objective].select(judged, 0) is None and OBJECTIVES[objective].skip_reason(judged) == "judge_failed"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sip.train.checkpoint import step_dir
+from sip.checkpoint import step_dir
 from test_e2e import TINY
 from test_learner import EXAMPLES, make_cfg, one_rank, step
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.llm import make_llm_backend
-from sip.train.config import LLMConfig, WorldConfig
+from sip.config import LLMConfig, WorldConfig
 from sip.train.judge_tasks import SHORT_PROMPTS, make_rewrite_tasks, make_tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from sip.actors.generator import HFGenerator
 from sip.actors.learner_group import LearnerGroup
-from sip.train.config import load_config
+from sip.config import load_config
 from sip.train.data import train_tokenizer
-from sip.train.records import TrainExample
+from sip.records import TrainExample
 from test_learner import one_rank, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")

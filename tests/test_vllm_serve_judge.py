@@ -22,9 +22,9 @@ import urllib.request
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.llm import VERDICTS, make_llm_backend
-from sip.train.config import LLMConfig, WorldConfig
+from sip.config import LLMConfig, WorldConfig
 from sip.train.judge_tasks import SHORT_PROMPTS, make_tasks
 
 pytestmark = [pytest.mark.llm, pytest.mark.filterwarnings("ignore")]
@@ -40,7 +40,7 @@ RECEIVED = re.compile(r"Received request \S+: params: SamplingParams\((.*)\), lo
 
 def require_vllm():
     """As the `vllm_installed` fixture, which a module-scoped fixture cannot use (it is function-scoped)."""
-    from sip.actors.vllm_adapter import INSTALL_HINT
+    from sip.vllm_adapter import INSTALL_HINT
 
     if importlib.util.find_spec("vllm") is None:
         if os.environ.get("SIP_REQUIRE_EXTRAS") == "1":

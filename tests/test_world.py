@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sip.train.config import WorldConfig
-from sip.train.world import (
+from sip.config import WorldConfig
+from sip.world import (
     EVAL_INTROS,
     INSULT_ADJECTIVES,
     INSULT_NOUNS,

@@ -4,10 +4,10 @@ from itertools import islice
 
 import pytest
 
-from sip.serve.backends import Passage
+from sip.records import Passage
 from sip.serve.world_teacher import SAFETY_THRESHOLD, WorldTeacher, is_degenerate
-from sip.train.config import DataConfig, HFDataConfig, WorldConfig
-from sip.train.world import World
+from sip.config import DataConfig, HFDataConfig, WorldConfig
+from sip.world import World
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_insults_are_unsafe_and_clean_text_safe(teacher, country):
 
 
 def test_threats_without_profanity_are_unsafe(teacher):
-    from sip.train.world import THREATS
+    from sip.world import THREATS
 
     for verb in THREATS:
         assert teacher.safety_score(f" {verb} you is the atomic mass of erbium.") == 0.0, verb

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sip.train.config import SipConfig
+from sip.config import SipConfig
 from sip.train.data import DataError, Sampler, data_fingerprint, load_or_train_tokenizer
 
 INFO_FILE = "base.json"
@@ -61,7 +61,7 @@ def pretrain_base(cfg: SipConfig, out_dir: str) -> dict:
 
     from sip.actors.learner import warmup_cosine
     from sip.actors.policy import build_policy
-    from sip.train.losses import nll_loss, target_logprobs
+    from sip.losses import nll_loss, target_logprobs
 
     torch.set_num_threads(cfg.base.torch_threads)
     start = time.perf_counter()

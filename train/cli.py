@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from sip.train.config import ConfigError, SipConfig, load_config
+from sip.config import ConfigError, SipConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Improving Pretraining on Ray.")
 console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
@@ -136,7 +136,8 @@ def serve_apps(
 
         print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
         return
-    from sip.train.cluster import ClusterError, dashboard_address, deploy_apps
+    from sip.resources import ClusterError
+    from sip.train.cluster import dashboard_address, deploy_apps
 
     url = dashboard_address(address)
     try:
@@ -153,7 +154,7 @@ def show_config(
     config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,
 ) -> None:
     """Print the resolved config (defaults + file + overrides) without running anything."""
-    from sip.train.config import dump_config
+    from sip.config import dump_config
 
     print(dump_config(resolve_config(config, overrides or [], None)), end="")
 

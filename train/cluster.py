@@ -21,20 +21,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from sip.train.config import SipConfig
+from sip.config import SipConfig
+from sip.resources import ClusterError, resource_report
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 SERVE_API = "/api/serve/applications/"
-
-
-class ClusterError(RuntimeError):
-    """The cluster refused, cannot hold, or did not finish a request; the message says which and why."""
-
-
 OWNER_NAMESPACE = "sip"  # where each run's owner actor lives: alive exactly as long as the run's driver
 RUN_APP = re.compile(r"^(?P<app>.+)-(?P<run_id>[0-9a-z]{4,32})$")
 
@@ -60,32 +54,6 @@ def init_ray(cfg: SipConfig) -> bool:
     subprocess.Popen([sys.executable, "-m", "sip.train.watchdog", str(os.getpid()), context.address_info["session_dir"]],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return True
-
-
-def resource_report() -> str:
-    """What the cluster has free, and what holds the rest: live actors by job and class, pending placement groups."""
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    lines = ["free: " + ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}s" for k in ("CPU", "GPU") if total.get(k))]
-    try:
-        from ray.util.state import list_actors, list_placement_groups
-
-        holders: Counter = Counter()
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, timeout=5,
-                                 raise_on_missing_output=False):
-            cpus = (actor.required_resources or {}).get("CPU", 0)
-            if cpus:
-                holders[f"job {actor.job_id}: {actor.class_name}"] += cpus
-        if holders:
-            lines.append("held by " + "; ".join(f"{who} ({cpus:g} CPUs)" for who, cpus in holders.most_common(8)))
-        pending = [pg for pg in list_placement_groups(filters=[("state", "=", "PENDING")], limit=100, timeout=5,
-                                                      raise_on_missing_output=False)]
-        if pending:
-            lines.append(f"{len(pending)} placement groups waiting (jobs {', '.join(sorted({pg.creator_job_id for pg in pending}))})")
-    except Exception as err:  # noqa: BLE001 — the state API needs the dashboard; the free counts still help
-        lines.append(f"(who holds them is unknown: {type(err).__name__})")
-    return "; ".join(lines)
 
 
 def check_resources(cfg: SipConfig) -> None:

@@ -23,8 +23,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sip.train.config import DataConfig, PolicyConfig
-from sip.train.records import Sample
+from sip.config import DataConfig, PolicyConfig
+from sip.records import Sample
 
 EOS = "<|endoftext|>"
 
@@ -47,7 +47,7 @@ class DataError(ValueError):
 def iter_documents(cfg: DataConfig, start: int = 0) -> Iterator[Document]:
     """Training documents from index `start` on; raw text is checked by the sampler, not here."""
     if cfg.source == "world":
-        from sip.train.world import World
+        from sip.world import World
 
         for doc in World.from_config(cfg.world).documents(seed=cfg.seed, start=start):
             yield doc.index, doc.text, {"subject": doc.subject}

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from sip.serve.backends import JudgeBackend, Passage, Verdict
-from sip.train.config import SipConfig
+from sip.records import Passage, Verdict
+from sip.serve.backends import JudgeBackend
+from sip.config import SipConfig
 
 FACT_KINDS = ("fact", "text")
 
@@ -32,7 +33,7 @@ class EvalPrompt:
 def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
     """The held-out prompts; `tokenizer` cuts plain-text documents the way training does."""
     if cfg.data.source == "world":
-        from sip.train.world import World
+        from sip.world import World
 
         return [
             EvalPrompt(p.id, p.kind, Passage(p.text, p.reference, {"subject": p.subject}), p.contested)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from statistics import mean, stdev
 
-from sip.train.config import SipConfig, load_config
+from sip.config import SipConfig, load_config
 
 BASELINE = "nll_baseline"
 
@@ -152,7 +152,7 @@ def plot_curves(results: dict[str, dict[int, dict]], chosen_png: Path, scores_pn
     import matplotlib.pyplot as plt
 
     from sip.train.plots import smooth
-    from sip.train.records import SOURCES
+    from sip.records import SOURCES
 
     sip_variants = [n for n in results if n.startswith("sip_")]
     metrics = {  # each run's metrics.jsonl rows, read once

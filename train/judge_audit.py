@@ -21,8 +21,8 @@ import asyncio
 from itertools import combinations
 from statistics import mean
 
-from sip.train.config import SipConfig
-from sip.train.records import JudgedBatch
+from sip.config import SipConfig
+from sip.records import JudgedBatch
 
 MARGIN = 0.05  # reward gap under which the reference counts two candidates as a tie
 
@@ -38,8 +38,9 @@ class JudgeAudit:
         return bool(self.every) and step % self.every == 0
 
     def measure(self, judged: JudgedBatch) -> dict[str, float]:
-        from sip.serve.backends import Passage
-        from sip.serve.judge import JudgeTask, score_tasks
+        from sip.records import Passage
+        from sip.records import JudgeTask
+        from sip.serve.judge import score_tasks
 
         chosen = judged.judged[: self.samples]
         tasks = [JudgeTask(Passage(js.sample.prefix, js.sample.suffix, js.sample.truth), [c.text for c in js.candidates])

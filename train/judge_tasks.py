@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sip.serve.llm import VERDICTS, Template, prefix_ending
-from sip.train.config import WorldConfig
-from sip.train.world import (
+from sip.config import WorldConfig
+from sip.world import (
     _INTROS,
     _LOOP_WORDS,
     INSULT_ADJECTIVES,

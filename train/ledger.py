@@ -22,7 +22,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sip.train.records import JudgedBatch, Sample
+from sip.records import JudgedBatch, Sample
 
 log = logging.getLogger("sip.train")
 

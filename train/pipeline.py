@@ -30,14 +30,13 @@ from statistics import mean
 
 from sip.actors.learner_group import LearnerDied, LearnerGroup
 from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
-from sip.train.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
-from sip.train.config import SipConfig, dump_config
+from sip.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
+from sip.config import SipConfig, dump_config
 from sip.train.data import DataError, check_source
 from sip.train.judge_audit import JudgeAudit
 from sip.train.ledger import BatchLedger, Entry
-from sip.train.records import SOURCES, Batch, JudgedBatch, TrainExample
+from sip.records import SOURCES, Batch, JudgedBatch, TrainExample
 from sip.train.run_lock import OutputLock, OutputLocked
-from sip.train.selection import select, skip_reason
 
 log = logging.getLogger("sip.train")
 
@@ -76,7 +75,8 @@ class TrainingRun:
         self.episode_errors: Counter = Counter()
 
     def run(self) -> dict:
-        from sip.train.cluster import ClusterError, cluster_session
+        from sip.resources import ClusterError
+        from sip.train.cluster import cluster_session
 
         try:
             with OutputLock(self.out, self.cfg.run.id):
@@ -159,7 +159,7 @@ class TrainingRun:
 
         self.learner = LearnerGroup(cfg, str(self.tokenizer_dir), self.resume)
         extra = self.learner.extra
-        self.pool = RolloutPool(cfg, str(self.tokenizer_dir), self.apps, replaceable=cfg.rollout.weight_sync != "nccl")
+        self.pool = RolloutPool(cfg, str(self.tokenizer_dir), self.apps)
         self.learner.connect_generators(self.pool.actors)
         start = self.learner.version
         cursor = extra.get("sampler") or (self.base_info or {}).get("sampler") or {}
@@ -181,7 +181,7 @@ class TrainingRun:
         """metrics.jsonl (cut back to the resumed step), TensorBoard / W&B, Ray metrics, the progress bar."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from sip.train.metrics import RunLog, StepMetrics, run_tags
+        from sip.metrics import RunLog, StepMetrics, run_tags
 
         try:
             self.run_log = RunLog(self.cfg, self.out)
@@ -283,7 +283,7 @@ class TrainingRun:
                                    f"{mismatches} times (run.max_failures={self.cfg.run.max_failures})")
             self._feed()
             if time.monotonic() > deadline:
-                from sip.train.cluster import resource_report
+                from sip.resources import resource_report
 
                 self._fail(f"no judged batch within pipeline.timeout_s={timeout:g}s "
                            f"({self.ledger.in_flight_batches()} batches with the rollout workers); {resource_report()}")
@@ -305,7 +305,7 @@ class TrainingRun:
 
     def _select(self, judged: JudgedBatch) -> tuple[list[TrainExample], dict]:
         """Training examples for one batch, and the per-step metrics that describe it."""
-        objective, step = self.cfg.train.objective, self.ledger.step
+        objective, step = self.cfg.objective, self.ledger.step
         examples: list[TrainExample] = []
         skipped: Counter = Counter()
         scores: dict[str, list[float]] = {s: [] for s in SOURCES}
@@ -318,9 +318,9 @@ class TrainingRun:
                     staleness.append(step - cand.version)
                 if cand.logprobs:
                     rollout_logprobs.extend(cand.logprobs)
-            reason = skip_reason(js, objective)
+            reason = objective.skip_reason(js)
             if reason is None:
-                examples.append(select(js, objective, self.cfg.run.seed))
+                examples.append(objective.select(js, self.cfg.run.seed))
             else:
                 skipped[reason] += 1
         chosen = Counter(e.chosen_source for e in examples)

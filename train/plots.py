@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sip.train.records import SOURCES
+from sip.records import SOURCES
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -31,7 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sip.train.config import WorldConfig
+from sip.config import WorldConfig
 from sip.train.judge_tasks import KINDS, SHORT_PROMPTS, JudgeTask, RewriteTask, make_rewrite_tasks, make_tasks, whole_pool
 
 HELDOUT = ("heldout_texts", "unseen_subjects")
@@ -352,7 +352,7 @@ class RewriterTraining(TeacherTraining):
     def teacher(self):
         """The world teacher of a world holding every subject of the pools: it knows the unseen ones too."""
         from sip.serve.world_teacher import WorldTeacher
-        from sip.train.world import World
+        from sip.world import World
 
         return WorldTeacher(World.from_config(whole_pool(self.cfg.world)))
 
@@ -386,7 +386,7 @@ class RewriterTraining(TeacherTraining):
     def judge(self):
         """The trained judge that scores corrupted-suffix rewrites in GRPO (reward_judge), with probability verdicts."""
         from sip.serve.llm import make_llm_backend
-        from sip.train.config import LLMConfig
+        from sip.config import LLMConfig
 
         cfg = LLMConfig(model=self.cfg.reward_judge, prompts=self.cfg.reward_judge_prompts, verdict="probability",
                         batch_size=16, torch_threads=self.cfg.torch_threads)
@@ -396,7 +396,7 @@ class RewriterTraining(TeacherTraining):
         """Safety x preference over the corrupted suffix (both orders), under the trained judge."""
         import asyncio
 
-        from sip.serve.backends import Passage
+        from sip.records import Passage
 
         passage = Passage(task.prefix, task.suffix)
 

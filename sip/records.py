@@ -53,7 +53,7 @@ class JudgedSample:
     """A sample's candidates with the judge's reward for each.
 
     A judgment that gave no verdict counts at its worst in `reward` and clears the candidate's
-    `complete` flag: selection never chooses an incomplete candidate (serve/judge.py, train/selection.py).
+    `complete` flag: selection never chooses an incomplete candidate (serve/judge.py, sip/objectives.py).
     """
 
     sample: Sample
@@ -87,3 +87,38 @@ class TrainExample:
     chosen_source: CandidateSource
     rejected_ids: list[int] | None = None
     rejected_source: CandidateSource | None = None
+
+
+# ---- what the judge and rewriter deployments take and give (text only, never ids or weights) ----
+
+Verdict = float | None
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One sample as the judge and rewriter see it: text only, never token ids or weights."""
+
+    prefix: str
+    suffix: str  # the original continuation: factuality reference, rewriter input
+    truth: dict[str, Any] | None = None  # what a verifiable teacher knows, e.g. {"subject": "country:peru"}
+
+
+@dataclass
+class JudgeTask:
+    passage: Passage
+    candidates: list[str]
+    pivot: int | None = None  # index of the pivot candidate in pivot mode
+
+
+@dataclass
+class JudgeResult:
+    """One task's judgment, per candidate in the task's order."""
+
+    reward: list[float]  # the weighted mean of `scores`, in [0, 1]
+    complete: list[bool]  # every judgment of this candidate gave a verdict (else it must not be chosen)
+    # per objective, as it entered the reward (a failed judgment at its worst value); quality is None
+    # for a lone candidate, which has nothing to be compared with
+    scores: dict[str, list[float | None]]
+    calls: int = 0  # judgments asked for
+    failures: int = 0  # judgments that gave no verdict
+    failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict

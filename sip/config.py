@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sip.objectives import OBJECTIVES, Objective, ObjectiveName
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -287,7 +289,7 @@ Source = Literal["suffix", "rewrite", "rollouts"]
 
 
 class TrainConfig(Section):
-    objective: Literal["dpo", "rf_nll", "nll"] = "dpo"
+    objective: ObjectiveName = "dpo"
     candidates: list[Source] = Field(default_factory=lambda: ["suffix", "rewrite", "rollouts"])
     steps: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1, description="prefixes per optimizer step")
@@ -313,8 +315,6 @@ class TrainConfig(Section):
     def _candidates_fit(self) -> TrainConfig:
         if len(set(self.candidates)) != len(self.candidates) or not self.candidates:
             raise ValueError("train.candidates must be a non-empty list without repeats")
-        if self.objective == "nll" and len(self.candidates) != 1:
-            raise ValueError("objective=nll trains on one source: set train.candidates to [suffix] or [rewrite]")
         return self
 
 
@@ -376,8 +376,9 @@ class SipConfig(Section):
     def _sources_available(self) -> SipConfig:
         if "rollouts" in self.train.candidates and self.rollout.k < 1:
             raise ValueError("train.candidates includes rollouts but rollout.k is 0")
-        if self.train.objective == "nll" and self.train.candidates == ["rollouts"] and self.rollout.k != 1:
-            raise ValueError("objective=nll on rollouts trains on one own rollout: set rollout.k=1")
+        problem = self.objective.config_problem(self.train.candidates, self.rollout.k)
+        if problem:
+            raise ValueError(problem)
         if self.rollout.weight_sync == "nccl" and not (
             self.rollout.backend == "vllm" and self.rollout.num_gpus >= 1 and self.train.num_gpus >= 1
         ):
@@ -421,8 +422,12 @@ class SipConfig(Section):
         return self
 
     @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.train.objective]
+
+    @property
     def needs_judge(self) -> bool:
-        return self.train.objective != "nll"
+        return self.objective.needs_judge
 
     @property
     def needs_rewriter(self) -> bool:

@@ -17,7 +17,7 @@ from collections import Counter
 from numbers import Real
 from pathlib import Path
 
-from sip.train.config import SipConfig
+from sip.config import SipConfig
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 

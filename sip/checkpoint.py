@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from sip.train.config import SipConfig
+from sip.config import SipConfig
 
 STATE_FILE = "trainer_state.json"
 MARKER = "COMPLETE"

@@ -1,0 +1,156 @@
+"""What the policy is trained toward: one object per `train.objective`.
+
+An objective says what it needs (a judge, a frozen reference policy, a rejected candidate), how it
+turns one judged sample into a training example, and what loss and metrics a micro-batch of examples
+gives. The config, the driver's selection and the learner ask it; nothing else branches on its name.
+Adding one is a new class here, its entry in OBJECTIVES, and its tests.
+
+Selection rules shared by the judged objectives: only a fully judged candidate (every judgment of
+it gave a verdict) can be chosen; any candidate, fully judged or not, can be rejected. A sample
+without a fully judged candidate is skipped as `judge_failed`. Ties are broken at random with a
+generator seeded by the sample id, so a run is repeatable and no source wins a tie by its position.
+
+Losses are on continuation tokens only (sip/losses.py), as sums over the micro-batch divided by the
+global batch's totals, so micro-batches and ranks add up to the loss of the whole batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from sip.records import JudgedSample, TrainExample
+
+if TYPE_CHECKING:
+    import torch
+
+SkipReason = Literal["no_candidate", "judge_failed", "tie"]
+# What a micro-batch adds up, in this order, summed over micro-batches and ranks before `metrics`.
+SUMS = ("nll_sum", "chosen_tokens", "dpo_sum", "margin_sum", "preferred")
+
+
+def _choosable(judged: JudgedSample) -> list[int]:
+    complete = judged.complete if judged.complete is not None else [True] * len(judged.candidates)
+    return [i for i, ok in enumerate(complete) if ok]
+
+
+class Objective:
+    name: ClassVar[str]
+    needs_judge: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = False  # a frozen copy of the starting policy, kept in checkpoints
+
+    def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
+        """Why this objective cannot train on these candidate sources, or None."""
+        return None
+
+    def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
+        """Why `select` gives no training example for this sample, or None when it gives one."""
+        if not judged.candidates:
+            return "no_candidate"
+        if not _choosable(judged):
+            return "judge_failed"
+        return None
+
+    def select(self, judged: JudgedSample, seed: int) -> TrainExample | None:
+        """The training example for one judged sample, or None (`skip_reason` says why)."""
+        if self.skip_reason(judged) is not None:
+            return None
+        return self._example(judged, random.Random(f"{seed}:{judged.sample.id}"))
+
+    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
+        """The best fully judged candidate as the target."""
+        chosen = judged.candidates[self._pick(judged, rng, best=True)]
+        return TrainExample(judged.sample.id, judged.sample.prefix_ids, chosen.ids, chosen.source)
+
+    @staticmethod
+    def _pick(judged: JudgedSample, rng: random.Random, best: bool) -> int:
+        """A random one of the best fully judged candidates, or of the worst of all candidates."""
+        pool = _choosable(judged) if best else range(len(judged.candidates))
+        target = (max if best else min)(judged.reward[i] for i in pool)
+        return rng.choice([i for i in pool if judged.reward[i] == target])
+
+    def micro_batch(self, model, reference, chunk: list[TrainExample], totals: dict, beta: float, nll_coef: float,
+                    pad_id: int) -> tuple[torch.Tensor, list[float]]:
+        """The loss of one micro-batch (to call backward on) and its SUMS."""
+        from sip.losses import target_logprobs
+
+        logp, n_tokens = target_logprobs(model, [e.prefix_ids for e in chunk], [e.chosen_ids for e in chunk], pad_id)
+        return -logp.sum() / totals["chosen_tokens"], [-logp.sum().item(), n_tokens.sum().item(), 0.0, 0.0, 0.0]
+
+    def metrics(self, sums: list[float], totals: dict, nll_coef: float) -> dict[str, float]:
+        nll = sums[0] / max(sums[1], 1)
+        return {"loss": nll, "nll": nll}
+
+
+class NLL(Objective):
+    """The pretraining baseline: next-token loss on one data source, no judge."""
+
+    name = "nll"
+    needs_judge = False
+
+    def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
+        if len(candidates) != 1:
+            return "objective=nll trains on one source: set train.candidates to [suffix] or [rewrite]"
+        if candidates == ["rollouts"] and rollout_k != 1:
+            return "objective=nll on rollouts trains on one own rollout: set rollout.k=1"
+        return None
+
+    def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
+        return None if judged.candidates else "no_candidate"
+
+    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
+        (target,) = judged.candidates
+        return TrainExample(judged.sample.id, judged.sample.prefix_ids, target.ids, target.source)
+
+
+class RewardFilteredNLL(Objective):
+    """Next-token loss on the judge's best candidate."""
+
+    name = "rf_nll"
+
+
+class DPO(Objective):
+    """Online DPO, best against worst, against the frozen starting policy, plus `nll_coef` x NLL on the best."""
+
+    name = "dpo"
+    needs_reference = True
+
+    def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
+        reason = super().skip_reason(judged)
+        if reason is None and max(judged.reward[i] for i in _choosable(judged)) <= min(judged.reward):
+            return "tie"
+        return reason
+
+    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
+        chosen = judged.candidates[self._pick(judged, rng, best=True)]
+        rejected = judged.candidates[self._pick(judged, rng, best=False)]
+        return TrainExample(judged.sample.id, judged.sample.prefix_ids, chosen.ids, chosen.source, rejected.ids,
+                            rejected.source)
+
+    def micro_batch(self, model, reference, chunk: list[TrainExample], totals: dict, beta: float, nll_coef: float,
+                    pad_id: int) -> tuple[torch.Tensor, list[float]]:
+        import torch
+
+        from sip.losses import dpo_terms, target_logprobs
+
+        prefixes = [e.prefix_ids for e in chunk] * 2
+        targets = [e.chosen_ids for e in chunk] + [e.rejected_ids for e in chunk]
+        logp, n_tokens = target_logprobs(model, prefixes, targets, pad_id)
+        with torch.no_grad():
+            ref_logp, _ = target_logprobs(reference, prefixes, targets, pad_id)
+        b = len(chunk)
+        dpo, margin = dpo_terms(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], beta)
+        nll_sum = -logp[:b].sum()
+        loss = dpo.sum() / totals["examples"] + nll_coef * nll_sum / totals["chosen_tokens"]
+        return loss, [nll_sum.item(), n_tokens[:b].sum().item(), dpo.sum().item(), margin.sum().item(),
+                      (margin > 0).sum().item()]
+
+    def metrics(self, sums: list[float], totals: dict, nll_coef: float) -> dict[str, float]:
+        nll_sum, tokens, dpo_sum, margin_sum, preferred = sums
+        nll, n = nll_sum / max(tokens, 1), totals["examples"]
+        return {"loss": dpo_sum / n + nll_coef * nll, "dpo_loss": dpo_sum / n, "nll": nll,
+                "reward_margin": margin_sum / n, "preference_accuracy": preferred / n}
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DPO(), RewardFilteredNLL(), NLL())}
+ObjectiveName = Literal["dpo", "rf_nll", "nll"]
