@@ -19,6 +19,34 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.extras)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """A local Ray cluster for one test module (8 logical CPUs, or the module's RAY_CPUS), shut down after it
+    together with any Serve instance its tests started. Modules that need it say
+    `pytestmark = pytest.mark.usefixtures("ray_cluster")`."""
+    import ray
+
+    ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 8), include_dashboard=False,
+             log_to_driver=False)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The tokenizer of the learner tests' tiny world (5 countries, 5 elements, 400 tokens), trained once."""
+    from sip.config import load_config
+    from sip.train.data import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200",
+                                       "data.vocab_size=400"]).data, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as an HF folder, converted once per machine (about 30 s the first time)."""

@@ -89,7 +89,7 @@ def test_a_short_run_with_an_openai_judge_never_writes_or_logs_the_key(tmp_path,
 
     from sip.config import load_config
     from sip.train.pipeline import run_training
-    from tests.test_e2e import TINY
+    from helpers import TINY
 
     monkeypatch.setenv(KEY_ENV, CANARY)  # before Ray starts: the judge replicas inherit it
     wandb_dirs = {name: tmp_path / name.lower() for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}

@@ -17,21 +17,10 @@ from pathlib import Path
 import pytest
 
 from sip.checkpoint import CheckpointError, CheckpointWriteError, check_resumable, complete, prune, step_dir
-from sip.config import load_config
-from sip.train.data import train_tokenizer
-from test_learner import EXAMPLES, make_cfg, one_rank, step
-from test_run_inputs import assert_refused, sip
+from helpers import EXAMPLES, assert_refused, make_cfg, one_rank, sip, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CFG = make_cfg("nll")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200",
-                                       "data.vocab_size=400"]).data, out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +221,7 @@ def test_prune_keeps_the_newest_and_removes_partial_folders(tmp_path):
 FULL_DISK = """
 import json, resource, signal, sys
 from pathlib import Path
-from test_learner import EXAMPLES, make_cfg, one_rank, step
+from helpers import EXAMPLES, make_cfg, one_rank, step
 tokenizer_dir, root = sys.argv[1], Path(sys.argv[2])
 with one_rank(make_cfg("nll"), tokenizer_dir) as learner:
     step(learner, EXAMPLES)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from cluster_head import TERMINAL, start_head
 from prometheus_client.parser import text_string_to_metric_families
-from test_e2e import TINY
+from helpers import TINY
 
 from sip.train.cluster import serve_details
 

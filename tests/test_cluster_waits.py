@@ -9,25 +9,16 @@ import time
 import psutil
 import pytest
 import ray
-from test_e2e import TINY
+from helpers import TINY
 
 from sip.resources import ClusterError
 from sip.train.cluster import deploy_teachers
 from sip.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+RAY_CPUS = 2  # a cluster too small for the run, on purpose
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.filterwarnings("ignore")]
 
 SHORT = TINY + ["pipeline.timeout_s=4", "pipeline.request_retries=0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def test_a_learner_placement_group_that_cannot_be_placed_is_a_clear_error(tmp_path):

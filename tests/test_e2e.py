@@ -3,33 +3,16 @@
 import json
 
 import pytest
-import ray
 from transformers import AutoModelForCausalLM
 
+from helpers import TINY
 from sip.config import load_config
 from sip.train.pipeline import run_training
 
-pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.filterwarnings("ignore")]
 
-TINY = [
-    "data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6",
-    "data.world.eval_unsafe_prefixes=4", "data.suffix_tokens=8", "data.max_seq_tokens=40",
-    "data.tokenizer_docs=300", "data.vocab_size=400", "policy.hidden_size=32", "policy.num_layers=1",
-    "policy.num_heads=2", "policy.intermediate_size=64", "train.batch_size=4", "rollout.k=2",
-    "run.progress=false", "pipeline.timeout_s=120", "base.steps=0",
-]
 REQUIRED = {"step", "policy_version", "loss", "reward_margin", "chosen_rate", "judge_score", "staleness_mean",
             "samples_per_s", "judge_calls", "skipped_ties"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def rows(out):

@@ -12,27 +12,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 
 from sip.config import load_config
 from sip.train.pipeline import run_training
-from test_e2e import TINY
+from helpers import TINY
 
-pytestmark = [pytest.mark.ray, pytest.mark.chaos, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.chaos, pytest.mark.filterwarnings("ignore")]
 
 REPO = Path(__file__).resolve().parents[1]
 # rollouts long enough that a worker nearly always holds a batch when it is killed
 BUSY = TINY + ["rollout.k=4", "data.suffix_tokens=16", "run.eval_at_end=false", "run.checkpoint_every=3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def role_processes(title: str) -> list[psutil.Process]:

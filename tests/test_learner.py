@@ -1,68 +1,19 @@
 """The learner on a tiny real Llama: FSDP2 ranks, micro-batches, checkpoints, and 1 rank against 2."""
 
-import socket
-from contextlib import contextmanager
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sip.actors.learner import LearnerRank, warmup_cosine
+from sip.actors.learner import warmup_cosine
 from sip.weights import from_wire
 from sip.checkpoint import CheckpointError, step_dir
-from sip.config import load_config
-from sip.train.data import train_tokenizer
-from sip.records import TrainExample
+from helpers import EXAMPLES, make_cfg, one_rank, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    cfg = load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200", "data.vocab_size=400"])
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(cfg.data, out)
-    return out
-
-
-def make_cfg(objective, *extra):
-    overrides = [f"train.objective={objective}", "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2",
-                 "policy.intermediate_size=64", "train.lr=0.01", "train.warmup_steps=0", "train.steps=30"]
-    if objective == "nll":
-        overrides.append("train.candidates=[suffix]")
-    return load_config(None, overrides + list(extra))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def one_rank(cfg, tokenizer_dir, resume_from=None):
-    """A learner of one rank in this process (its own gloo process group)."""
-    learner = LearnerRank(cfg, str(tokenizer_dir))
-    try:
-        learner.setup(f"tcp://127.0.0.1:{free_port()}", str(resume_from) if resume_from else None)
-        yield learner
-    finally:
-        learner.close()
-
-
-def step(learner, examples, micro_batch_size=0):
-    size = micro_batch_size or len(examples) or 1
-    totals = {"examples": len(examples), "chosen_tokens": sum(len(e.chosen_ids) for e in examples),
-              "micro_batches": -(-len(examples) // size), "micro_batch_size": size, "filler": examples[0] if examples else None}
-    return learner.train_step(examples, totals)
-
-
 def weights(learner):
     return from_wire(learner.full_weights())
-
-
-EXAMPLES = [TrainExample(f"s{i}", [5, 6, 7 + i, 9][: 2 + i % 3], [20, 21, 22 + i][: 2 + i % 2], "suffix", [30, 31, 32], "rollout")
-            for i in range(5)]
 
 
 def test_schedule_warms_up_then_decays_to_floor():

@@ -8,26 +8,9 @@ import torch
 from sip.actors.learner_group import LearnerGroup
 from sip.weights import from_wire
 from sip.checkpoint import step_dir
-from test_learner import EXAMPLES, make_cfg
+from helpers import EXAMPLES, make_cfg
 
-pytestmark = [pytest.mark.ray, pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from test_learner import load_config, train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200",
-                                       "data.vocab_size=400"]).data, out)
-    return str(out)
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
 
 
 def published(group) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import ray
 from ray import serve
 
 from sip.records import Passage
@@ -20,7 +19,7 @@ from sip.serve.judge import judge_app
 from sip.serve.rewriter import rewriter_app
 from sip.config import DataConfig, load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.llm, pytest.mark.filterwarnings("ignore")]
 
 DIRECT = {"quality": "quality_direct_v1", "safety": "safety_direct_v1", "factuality": "factuality_direct_v1",
           "coherence": "coherence_v1", "rewrite": "rewrite_v1"}
@@ -28,12 +27,8 @@ PASSAGE = Passage("Peru is a country in South America. The capital of Peru is", 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+def serve_without_proxy(ray_cluster):
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 def llm_overrides(section, backend, smollm2, request):

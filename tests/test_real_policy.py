@@ -4,18 +4,10 @@ FSDP2 learner ranks, trains on the world with the world teacher, and its checkpo
 import json
 
 import pytest
-import ray
 
 from sip.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.llm, pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
 
 
 def test_smollm2_policy_trains_on_two_ranks_and_its_checkpoint_loads(smollm2, tmp_path):

@@ -2,36 +2,12 @@
 folder that holds no other run, and a cluster that can hold the run. Each is a clear message within
 seconds through the real CLI, never a traceback."""
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
 from sip.checkpoint import step_dir
-from test_e2e import TINY
-from test_learner import EXAMPLES, make_cfg, one_rank, step
+from helpers import EXAMPLES, TINY, assert_refused, make_cfg, one_rank, sip, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def sip(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "sip.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    return done, time.monotonic() - start
-
-
-def assert_refused(done: subprocess.CompletedProcess, seconds: float, *needles: str, within: float = 20) -> None:
-    assert done.returncode in (1, 2), done.stderr[-2000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    for needle in needles:
-        assert needle in done.stderr, done.stderr[-2000:]
-    assert seconds < within, f"took {seconds:.0f}s to refuse"
 
 
 def test_a_missing_resume_checkpoint_is_refused_before_anything_starts(tmp_path):
@@ -45,16 +21,11 @@ def test_resume_latest_with_no_checkpoint_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tokenizer_dir, tmp_path_factory):
     """A real checkpoint of a one-rank learner with the tiny test policy (written in this process)."""
-    from test_learner import load_config, train_tokenizer
-
     root = tmp_path_factory.mktemp("ckpt")
-    tok = root / "tok"
-    train_tokenizer(load_config(None, ["data.world.countries=5", "data.world.elements=5", "data.tokenizer_docs=200",
-                                       "data.vocab_size=400"]).data, tok)
     final = step_dir(root / "run", 1)
-    with one_rank(make_cfg("nll"), tok) as learner:
+    with one_rank(make_cfg("nll"), tokenizer_dir) as learner:
         step(learner, EXAMPLES)
         learner.save(str(root / "partial"), str(final), {})
     return final

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from cluster_head import REPO, start_head
-from test_e2e import TINY
+from helpers import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.filterwarnings("ignore")]
 

@@ -15,7 +15,7 @@ from sip.actors.learner_group import LearnerGroup
 from sip.config import load_config
 from sip.train.data import train_tokenizer
 from sip.records import TrainExample
-from test_learner import one_rank, step
+from helpers import one_rank, step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
