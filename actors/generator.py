@@ -121,7 +121,7 @@ class RolloutWorker:
         self.sources = cfg.train.candidates
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.engine: GenerationBackend | None = None
-        if "rollouts" in self.sources:
+        if "rollout" in self.sources:
             self.engine = GENERATORS[cfg.rollout.backend](cfg, self.tokenizer, worker_id)
         self.weight_sync = make_weight_sync(cfg)
         self._engine_lock = asyncio.Lock()
@@ -218,10 +218,10 @@ class RolloutWorker:
         """The batch's rollouts and the policy version that wrote them."""
         async with self._engine_lock:
             start = time.perf_counter()
-            await self.weight_sync.apply(self.engine, batch.weights)
+            await self.weight_sync.apply(self.engine, batch.weight_update)
             stages["weights"] = time.perf_counter() - start
-            if self.engine.version < batch.weights.version:  # the batch's staleness bound assumes at least this version
-                raise RuntimeError(f"batch {batch.index} needs policy version {batch.weights.version}, "
+            if self.engine.version < batch.weight_update.version:  # the batch's staleness bound assumes at least this version
+                raise RuntimeError(f"batch {batch.index} needs policy version {batch.weight_update.version}, "
                                    f"the engine holds {self.engine.version}")
             prefixes = [s.prefix_ids for s in batch.samples]
             n, k = self.cfg.data.suffix_tokens, self.cfg.rollout.k

@@ -47,3 +47,6 @@ print("steps", summary["steps"], "samples", summary["samples"])
 print("step time_s (last):", rows[-1]["time_s"])
 print("factuality before -> after:", summary["eval_initial"]["factuality"], "->", summary["eval"]["factuality"])
 EOF
+
+# The tests that need GPUs (marked gpu; elsewhere they skip, saying why).
+python -m pytest -q -m gpu tests

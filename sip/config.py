@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sip.objectives import OBJECTIVES, Objective, ObjectiveName
+from sip.records import CandidateSource
 
 
 class Section(BaseModel):
@@ -120,7 +121,7 @@ class PolicyConfig(Section):
     torch_threads: int = Field(1, ge=1)
 
 
-class BaseConfig(Section):
+class BaseModelConfig(Section):
     """Plain next-token pretraining on whole documents that makes the base model SIP continues from.
 
     Used when policy.init=scratch and steps > 0 (the paper's main setting is continual pretraining
@@ -285,12 +286,11 @@ class JudgeConfig(DeploymentConfig):
         return self
 
 
-Source = Literal["suffix", "rewrite", "rollouts"]
 
 
 class TrainConfig(Section):
     objective: ObjectiveName = "dpo"
-    candidates: list[Source] = Field(default_factory=lambda: ["suffix", "rewrite", "rollouts"])
+    candidates: list[CandidateSource] = Field(default_factory=lambda: ["suffix", "rewrite", "rollout"])
     steps: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1, description="prefixes per optimizer step")
     lr: float = Field(1e-3, gt=0)
@@ -364,7 +364,7 @@ class RunConfig(Section):
 class SipConfig(Section):
     data: DataConfig = DataConfig()
     policy: PolicyConfig = PolicyConfig()
-    base: BaseConfig = BaseConfig()
+    base: BaseModelConfig = BaseModelConfig()
     rollout: RolloutConfig = RolloutConfig()
     judge: JudgeConfig = JudgeConfig()
     rewriter: DeploymentConfig = DeploymentConfig()
@@ -374,8 +374,8 @@ class SipConfig(Section):
 
     @model_validator(mode="after")
     def _sources_available(self) -> SipConfig:
-        if "rollouts" in self.train.candidates and self.rollout.k < 1:
-            raise ValueError("train.candidates includes rollouts but rollout.k is 0")
+        if "rollout" in self.train.candidates and self.rollout.k < 1:
+            raise ValueError("train.candidates includes rollout but rollout.k is 0")
         problem = self.objective.config_problem(self.train.candidates, self.rollout.k)
         if problem:
             raise ValueError(problem)

@@ -91,7 +91,7 @@ class NLL(Objective):
     def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
         if len(candidates) != 1:
             return "objective=nll trains on one source: set train.candidates to [suffix] or [rewrite]"
-        if candidates == ["rollouts"] and rollout_k != 1:
+        if candidates == ["rollout"] and rollout_k != 1:
             return "objective=nll on rollouts trains on one own rollout: set rollout.k=1"
         return None
 

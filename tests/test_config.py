@@ -91,7 +91,7 @@ def test_shipped_and_tested_configs_give_requests_the_time_to_retry(path, overri
     assert 0 < request_budget(cfg) <= cfg.pipeline.timeout_s
 
 
-@pytest.mark.parametrize("candidates", ["[suffix, rewrite, rollouts]", "[suffix, rollouts]"])
+@pytest.mark.parametrize("candidates", ["[suffix, rewrite, rollout]", "[suffix, rollout]"])
 def test_request_timeout_left_unset_fits_every_try_in_the_driver_wait(candidates):
     for timeout in (120, 300, 3600):
         cfg = load_config(None, [f"pipeline.timeout_s={timeout}", f"train.candidates={candidates}"])
@@ -104,7 +104,7 @@ def test_request_retries_longer_than_the_driver_wait_are_refused_with_the_number
     for text in ("974s", "2 x 487s", "pipeline.request_timeout_s=120", "4 tries (pipeline.request_retries=3)",
                  "7s backoff (pipeline.retry_backoff_s=1", "pipeline.timeout_s=300: raise it to at least 974"):
         assert text in str(err.value)
-    no_rewriter = ["pipeline.request_timeout_s=120", "train.candidates=[suffix, rollouts]"]
+    no_rewriter = ["pipeline.request_timeout_s=120", "train.candidates=[suffix, rollout]"]
     with pytest.raises(ConfigError, match="one batch's judge requests may take 487s"):
         load_config(None, no_rewriter)
     load_config(None, [*no_rewriter, "pipeline.timeout_s=487"])

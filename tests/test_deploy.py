@@ -79,7 +79,7 @@ def test_scaling_stays_out_of_the_app_args():
     auto = apps.serve_config(load_config(None, ["judge.autoscaling={min_replicas: 1, max_replicas: 3}"]))
     assert auto["applications"][0]["deployments"][0]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
     check_serve_apps(auto)
-    assert [a["name"] for a in apps.serve_config(load_config(None, ["train.candidates=[suffix,rollouts]"]))["applications"]] == ["sip-judge"]
+    assert [a["name"] for a in apps.serve_config(load_config(None, ["train.candidates=[suffix,rollout]"]))["applications"]] == ["sip-judge"]
 
 
 def test_attach_check_names_what_differs():

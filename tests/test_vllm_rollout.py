@@ -120,6 +120,7 @@ def test_the_pinned_vllm_offers_what_the_nccl_sync_calls(vllm_installed):
 
 @pytest.mark.ray
 @pytest.mark.llm
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs two GPUs: one for the learner, one for the engine")
 def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_dir, vllm_installed):
     from sip.actors.generator import VLLMGenerator

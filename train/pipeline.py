@@ -172,7 +172,7 @@ class TrainingRun:
         self.counters_at_checkpoint = Counter(self.counters)
         self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
                              if cfg.run.eval_at_end and self.resume is None else None)
-        self.weights = self.learner.publish_weights()
+        self.weight_update = self.learner.publish_weights()
         self.samples_at_start = self.ledger.trained + sum(self.ledger.skipped.values())
         self.audit = JudgeAudit(cfg) if cfg.judge.audit_every and cfg.needs_judge else None
 
@@ -229,7 +229,7 @@ class TrainingRun:
             record["time_s"] = {"learner_step": time.perf_counter() - step_start}
             self.ledger.mark_trained(entry, len(examples), record.pop("skipped"))
             publish_start = time.perf_counter()
-            self.weights = self.learner.publish_weights()
+            self.weight_update = self.learner.publish_weights()
             record["time_s"]["publish"] = time.perf_counter() - publish_start
         except LearnerDied as err:
             self._recover_learner(err)
@@ -254,7 +254,7 @@ class TrainingRun:
             self.ledger.add(samples, self.sampler.state())
         for entry in self.ledger.to_feed():
             attempt = self.ledger.mark_fed(entry)
-            self.pool.submit(Batch(entry.index, entry.samples, self.weights, attempt))
+            self.pool.submit(Batch(entry.index, entry.samples, self.weight_update, attempt))
 
     def _collect(self) -> Entry | None:
         """Wait for the next batch in order; lost and failed batches are fed again meanwhile."""
@@ -392,7 +392,7 @@ class TrainingRun:
             log.warning("%s: restarting the learner group from %s", err, where)
             try:
                 self.learner.restart(checkpoint)
-                self.weights = self.learner.publish_weights()
+                self.weight_update = self.learner.publish_weights()
                 break
             except LearnerDied as again:
                 err = again
