@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sip.serve.judge import JUDGE_APP, judge_app, teacher_settings
+from sip.serve.judge import JUDGE_APP, judge_app
+from sip.serve.replica import teacher_settings
 from sip.serve.rewriter import REWRITER_APP, rewriter_app
 from sip.config import DeploymentConfig, SipConfig
 

@@ -28,6 +28,7 @@ from ray import serve
 from sip.config import DataConfig, JudgeConfig
 from sip.records import JudgeResult, JudgeTask, Passage, Verdict
 from sip.serve.backends import JudgeBackend, make_judge_backend
+from sip.serve.replica import TeacherReplica, teacher_app
 
 JUDGE_APP = "sip-judge"
 POINTWISE = ("safety", "factuality")
@@ -240,13 +241,9 @@ def combine(scores: dict[str, float | None], weights: dict[str, float]) -> float
 
 
 @serve.deployment
-class Judge:
+class Judge(TeacherReplica):
     def __init__(self, cfg: JudgeConfig, data_cfg: DataConfig):
-        self.cfg = cfg
-        self.data_cfg = data_cfg
-        self.backend = make_judge_backend(cfg.backend, data_cfg, cfg.llm)
-        self.score.set_max_batch_size(cfg.max_batch_size)
-        self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        super().__init__(cfg, data_cfg, make_judge_backend(cfg.backend, data_cfg, cfg.llm), self.score)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def score(self, tasks: list[JudgeTask]) -> list[JudgeResult]:
@@ -261,28 +258,9 @@ class Judge:
     async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         return await self.backend.compare(queries)
 
-    def settings(self) -> dict:
-        """What this replica judges with: a run that attaches to it checks these against its own."""
-        return teacher_settings(self.cfg, self.data_cfg)
-
     async def coherence(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
         return await self.backend.coherence(queries)
 
 
 def judge_app(cfg: JudgeConfig, data_cfg: DataConfig):
-    return deployment_options(Judge, cfg).bind(cfg, data_cfg)
-
-
-def teacher_settings(cfg, data_cfg: DataConfig) -> dict:
-    """A judge's or rewriter's deployment section and data section, as JSON: what `attach` compares."""
-    return {"deployment": cfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}
-
-
-def deployment_options(deployment, cfg):
-    """Replica count or autoscaling, request limit and CPUs of one deployment, from its config."""
-    scaling = {"autoscaling_config": cfg.autoscaling} if cfg.autoscaling else {"num_replicas": cfg.num_replicas}
-    return deployment.options(
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        **scaling,
-    )
+    return teacher_app(Judge, cfg, data_cfg)
