@@ -16,7 +16,7 @@ import torch
 
 from sip.serve.engines import HFEngine, choice_tokens, normalised, render_prompt
 from sip.serve.llm import VERDICTS, Template
-from sip.train.config import LLMConfig, WorldConfig
+from sip.config import LLMConfig, WorldConfig
 from sip.train.judge_tasks import KINDS, SHORT_PROMPTS, make_tasks
 
 
