@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_imports_flow_one_way(tmp_path):
-    lint = shutil.which("lint-imports")
+    lint = shutil.which("lint-imports", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if lint is None:
         pytest.fail("lint-imports is missing: pip install -e '.[test]'")
     # grimp finds subpackages inside their parent's folder; setuptools maps train/, actors/ and serve/
