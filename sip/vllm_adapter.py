@@ -2,7 +2,7 @@
 
 vLLM changes its engine and weight-loading internals between releases, and weight sync is what
 breaks first when it does. When the pin moves, this is the one file to read and re-test
-(`pytest tests/test_vllm_rollout.py tests/test_llm_serve.py`).
+(`pytest tests/llm/test_vllm_rollout.py tests/llm/test_llm_serve.py`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The driver's book of batches: what may be fed next, what may be trained next, and where every sample went.
 
-Ray-free, so the scheduling rules are unit-tested on their own (tests/test_ledger.py):
+Ray-free, so the scheduling rules are unit-tested on their own (tests/unit/test_ledger.py):
 
 - **Staleness bound.** Batch i (the samples of optimizer step i) is fed only once the learner has
   reached step i − max_staleness, and it carries the newest weights, so every rollout trained at

@@ -19,7 +19,7 @@ from helpers import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.chaos, pytest.mark.filterwarnings("ignore")]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # rollouts long enough that a worker nearly always holds a batch when it is killed
 BUSY = TINY + ["rollout.k=4", "data.suffix_tokens=16", "run.eval_at_end=false", "run.checkpoint_every=3"]
 

@@ -238,8 +238,8 @@ print(json.dumps(outcome))
 
 def test_a_write_that_fails_for_lack_of_space_says_so_and_leaves_no_partial_folder(tokenizer_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tokenizer_dir), str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+                          text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["error"] == "CheckpointWriteError", outcome

@@ -16,7 +16,7 @@ from sip.serve import apps
 from sip.train.cli import app
 from sip.config import load_config
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 TOKEN_SECRET = {"name": "sip-ray-auth", "key": "auth_token"}
 RAY_ENV = {  # every Ray container and the job submitter: token auth, the token from the Secret
     "RAY_AUTH_MODE": {"value": "token"},

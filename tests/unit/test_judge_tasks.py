@@ -241,7 +241,7 @@ def test_judge_accuracy_bench_scores_the_world_teacher():
     """bench/judge_accuracy.py runs end to end; the oracle is right on every safety and factuality task."""
     from pathlib import Path
 
-    bench = Path(__file__).parents[1] / "bench" / "judge_accuracy.py"
+    bench = Path(__file__).parents[2] / "bench" / "judge_accuracy.py"
     done = subprocess.run([sys.executable, str(bench), "--model", "world", "--tasks", "12"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -67,7 +67,7 @@ def test_a_negative_judge_weight_is_refused_by_name():
         load_config(None, ["judge.weights={quality: 1, safety: -0.5}"])
 
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def request_budget(cfg) -> float:
