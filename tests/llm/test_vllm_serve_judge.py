@@ -70,8 +70,9 @@ def vllm_server(smollm2, tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # INFO: the tests read its request log, and importing TRL in this process sets VLLM_LOGGING_LEVEL=ERROR
     env = {**os.environ, "VLLM_API_KEY": key, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     # `vllm serve`'s server, started through its module: the `vllm` command of vllm-cpu 0.32.0 dies at start
     # (it asks importlib.metadata for the version of a distribution named "vllm"; vllm-cpu's is "vllm-cpu")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2), "--served-model-name", MODEL,
