@@ -75,7 +75,8 @@ class Objective:
         from sip.losses import target_logprobs
 
         logp, n_tokens = target_logprobs(model, [e.prefix_ids for e in chunk], [e.chosen_ids for e in chunk], pad_id)
-        return -logp.sum() / totals["chosen_tokens"], [-logp.sum().item(), n_tokens.sum().item(), 0.0, 0.0, 0.0]
+        nll_sum = -logp.sum()
+        return nll_sum / totals["chosen_tokens"], [nll_sum.item(), n_tokens.sum().item(), 0.0, 0.0, 0.0]
 
     def metrics(self, sums: list[float], totals: dict, nll_coef: float) -> dict[str, float]:
         nll = sums[0] / max(sums[1], 1)
