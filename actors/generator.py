@@ -137,14 +137,14 @@ class RolloutWorker:
         if self.rewriter is None and self.cfg.needs_rewriter:
             self.rewriter = serve.get_app_handle(self.apps["rewriter"])
 
-    async def join_weight_group(self, init_info: dict) -> None:
-        """rollout.weight_sync=nccl: join the learner's NCCL group (it waits here for every engine)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.join_weight_group, init_info)
+    async def join_weight_channel(self, info: dict) -> None:
+        """A weight transport that pushes: join the learner's channel (the learner waits for every worker)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.weight_sync.join, self.engine, info)
 
-    async def receive_weights(self, update_info: dict, version: int) -> None:
-        """rollout.weight_sync=nccl: take the learner's broadcast of `version`, between two generations."""
+    async def take_weights(self, info: dict, version: int) -> None:
+        """A weight transport that pushes: take the learner's push of `version`, between two generations."""
         async with self._engine_lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.receive_weights, update_info, version)
+            await asyncio.get_running_loop().run_in_executor(None, self.weight_sync.receive, self.engine, info, version)
 
     async def episode(self, batch: Batch) -> JudgedBatch:
         """The batch's candidates, judged; an episode that fails returns its error instead of raising."""

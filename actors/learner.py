@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sip.actors.policy import build_policy, greedy_batched
+from sip.actors.weight_sync import make_weight_sync
 from sip.weights import to_wire
 from sip.checkpoint import (REFERENCE_DIR, CheckpointWriteError, complete, fingerprint, link_or_copy_tree, load_sharded,
                                   read_state, save_sharded, space_shortage, write_state, writing)
@@ -67,7 +68,7 @@ class LearnerRank:
         self.version = 0
         self.extra: dict = {}
         self._reference_saved: Path | None = None  # a checkpoint's reference folder to link to instead of writing it again
-        self._nccl = None
+        self._sender = None  # a pushing transport's sending end (rank 0)
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -212,6 +213,12 @@ class LearnerRank:
         dist.all_gather_object(parts, out)
         return [row for part in parts for row in part]
 
+    def save_pretrained(self, folder: str) -> None:
+        """The policy as a Hugging Face folder, written by rank 0 (a collective)."""
+        policy = self._full_state(self.model)
+        if self.rank == 0:
+            self.model.save_pretrained(folder, state_dict=policy)
+
     def save(self, partial: str, final: str, extra: dict) -> str:
         """Write a checkpoint into `partial` and, once whole, move it to `final` (rank 0).
 
@@ -259,17 +266,15 @@ class LearnerRank:
             self._reference_saved = Path(final) / REFERENCE_DIR
         return final
 
-    # ---- NCCL weight sync (GPU) -----------------------------------------------------------------
+    # ---- a weight transport that pushes (rollout.weight_sync=nccl) -------------------------------
 
-    def connect_generators(self, workers: list) -> None:
-        """rollout.weight_sync=nccl: open the NCCL group with every generator's engine (rank 0)."""
-        from sip.vllm_adapter import NcclWeightSender
+    def open_weight_sender(self, workers: list) -> None:
+        """Rank 0: open the transport's channel to every rollout worker."""
+        self._sender = make_weight_sync(self.cfg).open_sender(self.model, workers)
 
-        self._nccl = NcclWeightSender(self.model, workers, self.cfg.pipeline.timeout_s)
-
-    def broadcast_weights(self) -> int:
-        """Send the current weights to every engine over NCCL; returns the version they now hold."""
-        self._nccl.send(self.version)
+    def push_weights(self) -> int:
+        """Rank 0: push the current weights to every engine; returns the version they now hold."""
+        self._sender.send(self.version)
         return self.version
 
     def close(self) -> None:

@@ -103,7 +103,7 @@ class LearnerGroup:
         return self.weight_sync.publish(self.ranks, self.version)
 
     def connect_generators(self, workers: list) -> None:
-        """rollout.weight_sync=nccl only: the engines join rank 0's NCCL group."""
+        """Whatever the weight transport needs to reach the rollout workers (nccl: they join rank 0's group)."""
         self.weight_sync.connect(self.ranks, workers)
 
     def greedy(self, prefixes: list[list[int]], n: int) -> list[list[int]]:
@@ -115,6 +115,10 @@ class LearnerGroup:
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
         partial.parent.mkdir(parents=True, exist_ok=True)
         return self._get([r.save.remote(str(partial), str(final), extra) for r in self.ranks], "save")[0]
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The policy alone as a Hugging Face folder (the base stage's output)."""
+        self._get([r.save_pretrained.remote(str(folder)) for r in self.ranks], "save_pretrained")
 
     def restart(self, resume_from: Path | None) -> None:
         """Replace every rank, continuing from `resume_from` (or from the run's start when None)."""

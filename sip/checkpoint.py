@@ -264,7 +264,7 @@ class _LedgerCounts(_Strict):
 
 
 class _Extra(_Strict):
-    """What the driver keeps in a checkpoint (train/pipeline.py `_checkpoint`)."""
+    """The driver's components in a checkpoint (train/checkpoints.py)."""
 
     sampler: _Cursor | None = None
     ledger: _LedgerCounts | None = None

@@ -44,7 +44,7 @@ class Batch:
 
     index: int
     samples: list[Sample]
-    weight_update: Any = None  # a WeightUpdate (actors/weight_sync.py): the policy version its rollouts need, and where it is
+    weight_update: Any = None  # a WeightUpdate (actors/weight_sync/): the policy version its rollouts need, and where it is
     attempt: int = 1
 
 

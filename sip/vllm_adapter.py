@@ -93,9 +93,16 @@ def reload_weights(llm, weights: dict[str, Any]) -> None:
     llm.reset_prefix_cache()
 
 
-# GPU: vLLM's NCCL weight transfer. The learner is rank 0 and broadcasts; engine i joins as rank 1 + i.
-# vLLM's trainer-side engine drives the handshake through a client with four methods; ours reaches
-# the generator actors, and each generator runs its engine's whole receive under its generation lock.
+# GPU: vLLM's NCCL weight transfer (the protocol around these calls: actors/weight_sync/nccl.py).
+
+
+def nccl_trainer_engine(model: torch.nn.Module, client, address: str, port: int, world_size: int):
+    """The learner's end of vLLM's NCCL weight transfer, as rank 0 of `world_size`; `client` reaches the engines."""
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+    info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=0)
+    return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=ModuleSource(model))
 
 
 def join_weight_group(llm, init_info: dict) -> None:
@@ -103,55 +110,8 @@ def join_weight_group(llm, init_info: dict) -> None:
 
 
 def receive_weights(llm, update_info: dict) -> None:
-    """Take one broadcast (started by the learner's `NcclWeightSender.send`) into the engine's weights."""
+    """Take one broadcast (started by the learner's `send_weights`) into the engine's weights."""
     llm.start_weight_update()
     llm.update_weights({"update_info": update_info})
     llm.finish_weight_update()
     llm.reset_prefix_cache()
-
-
-class _GeneratorClient:
-    """vLLM's `VLLMWeightSyncClient` over sip's generator actors (see `RolloutWorker.receive_weights`)."""
-
-    def __init__(self, workers: list, timeout_s: float):
-        self.workers, self.timeout_s, self.version = workers, timeout_s, -1
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        import ray
-
-        joins = [w.join_weight_group.remote({**init_info, "rank_offset": 1 + i}) for i, w in enumerate(self.workers)]
-        ray.get(joins, timeout=self.timeout_s)
-
-    def start_weight_update(self) -> None:  # each generator starts inside receive_weights, once its lock is held
-        pass
-
-    def update_weights(self, update_info: dict) -> None:
-        import ray
-
-        ray.get([w.receive_weights.remote(update_info, self.version) for w in self.workers], timeout=self.timeout_s)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:  # done inside receive_weights
-        pass
-
-
-class NcclWeightSender:
-    """The learner's end: one NCCL group with every generator's engine, one broadcast per version."""
-
-    def __init__(self, model: torch.nn.Module, workers: list, timeout_s: float):
-        import socket
-
-        import ray
-        from vllm.distributed.weight_transfer.base import ModuleSource
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
-
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        info = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(), master_port=port,
-                                   world_size=1 + len(workers), rank=0)
-        self.client = _GeneratorClient(workers, timeout_s)
-        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=self.client, source=ModuleSource(model))
-
-    def send(self, version: int) -> None:
-        self.client.version = version
-        self.engine.send_weights()

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from sip.config import SipConfig
-from sip.train.data import DataError, Sampler, data_fingerprint, load_or_train_tokenizer
+from sip.records import TrainExample
+from sip.resources import ClusterError
+from sip.train.data import Sampler, data_fingerprint, load_or_train_tokenizer
 
 INFO_FILE = "base.json"
 
@@ -34,20 +36,16 @@ def base_key(cfg: SipConfig) -> str:
 
 
 def ensure_base(cfg: SipConfig) -> tuple[Path, dict]:
-    """The cached base folder for this config, built first (as a Ray task) if it is not there yet.
-    The run has checked the data source before (TrainingRun._check_inputs); a reader that fails in
-    the task is a DataError here, with its message and without the remote traceback."""
-    import ray
-
+    """The cached base folder for this config, built first if it is not there yet. The run has
+    checked the data source before (TrainingRun._check_inputs)."""
     folder = Path(cfg.base.cache_dir).expanduser() / f"base-{base_key(cfg)}"
     if not (folder / INFO_FILE).exists():
         building = folder.with_name(f"{folder.name}.building-{time.time_ns()}")
-        task = ray.remote(pretrain_base).options(num_cpus=cfg.base.num_cpus)
         try:
-            ray.get(task.remote(cfg, str(building)), timeout=cfg.base.timeout_s)
-        except DataError as err:  # raised in the task: its message, without the remote traceback
+            pretrain_base(cfg, building)
+        except BaseException:
             shutil.rmtree(building, ignore_errors=True)
-            raise DataError(str(getattr(err, "cause", err))) from None
+            raise
         if (folder / INFO_FILE).exists():  # another run built it meanwhile
             shutil.rmtree(building)
         else:
@@ -56,41 +54,52 @@ def ensure_base(cfg: SipConfig) -> tuple[Path, dict]:
     return folder, json.loads((folder / INFO_FILE).read_text())
 
 
-def pretrain_base(cfg: SipConfig, out_dir: str) -> dict:
-    import torch
-
-    from sip.actors.learner import warmup_cosine
-    from sip.actors.policy import build_policy
-    from sip.losses import nll_loss, target_logprobs
-
-    torch.set_num_threads(cfg.base.torch_threads)
-    start = time.perf_counter()
-    out = Path(out_dir)
-    tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, out)
-    model = build_policy(cfg.policy, tokenizer, cfg.base.seed, cfg.data.max_seq_tokens).train()
+def base_stage_config(cfg: SipConfig) -> SipConfig:
+    """The learner's settings for the base stage: next-token loss on whole documents, from scratch,
+    on one CPU rank (the base of the world's miniature is small), with the base section's schedule."""
     b = cfg.base
-    optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, b.warmup_steps, b.steps, 0.1))
+    train = cfg.train.model_copy(update={
+        "objective": "nll", "candidates": ["suffix"], "steps": b.steps, "batch_size": b.batch_size, "lr": b.lr,
+        "warmup_steps": b.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "num_learners": 1,
+        "micro_batch_size": 0, "dtype": "float32", "activation_checkpointing": False, "num_cpus": b.num_cpus,
+        "num_gpus": 0.0,
+    })
+    return cfg.model_copy(update={
+        "train": train,
+        "policy": cfg.policy.model_copy(update={"init": "scratch", "torch_threads": b.torch_threads}),
+        "run": cfg.run.model_copy(update={"seed": b.seed}),
+    })
+
+
+def pretrain_base(cfg: SipConfig, out: Path) -> dict:
+    """Train the base through the learner group (the same step as SIP's NLL objective) and write it
+    as a Hugging Face folder with its tokenizer and `base.json`."""
+    from sip.actors.learner_group import LearnerGroup
+
+    start = time.perf_counter()
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, out)
     sampler = Sampler(cfg.data, tokenizer)  # counts and skips bad documents the same way
-    losses = []
-    for _ in range(b.steps):
-        docs = sampler.documents(b.batch_size, cfg.data.max_seq_tokens)
-        if not docs:
-            break
-        logp, n_tokens = target_logprobs(model, [d[:1] for d in docs], [d[1:] for d in docs], tokenizer.pad_token_id)
-        loss = nll_loss(logp, n_tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    model.save_pretrained(out)
+    learner = LearnerGroup(base_stage_config(cfg), str(out))
+    try:
+        losses = []
+        for step in range(cfg.base.steps):
+            if time.perf_counter() - start > cfg.base.timeout_s:
+                raise ClusterError(f"the base model was not built within base.timeout_s={cfg.base.timeout_s:g}s "
+                                   f"({step} of {cfg.base.steps} steps); raise it, or give the base more CPUs "
+                                   f"(base.num_cpus={cfg.base.num_cpus:g}, base.torch_threads={cfg.base.torch_threads})")
+            docs = sampler.documents(cfg.base.batch_size, cfg.data.max_seq_tokens)
+            if not docs:
+                break
+            examples = [TrainExample(f"base:{i}", doc[:1], doc[1:], "suffix") for i, doc in enumerate(docs)]
+            losses.append(learner.train_step(examples)["loss"])
+        learner.save_pretrained(out)
+    finally:
+        learner.shutdown()
     info = {
         "steps": len(losses),
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "seconds": round(time.perf_counter() - start, 1),
-        "sampler": sampler.state(),
+        "sampler": sampler.state_dict(),
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info

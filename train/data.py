@@ -225,9 +225,12 @@ class Sampler:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, state: dict | None = None):
-        state = state or {}
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.load_state_dict(state or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream where `state_dict` was taken."""
         self.next_index: int = state.get("next_document", 0)
         self.next_chunk: int = state.get("next_chunk", 0)
         self.read: int = state.get("documents_read", 0)
@@ -235,9 +238,9 @@ class Sampler:
         self.truncated: int = state.get("documents_truncated", 0)
         self._resume_chunk = self.next_chunk
         self._pending: deque[tuple[int, int, Sample]] = deque()  # (document, chunk, sample) not yet taken
-        self._docs = self._valid(iter_documents(cfg, self.next_index))
+        self._docs = self._valid(iter_documents(self.cfg, self.next_index))
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         """Everything a checkpoint needs to continue the stream exactly here."""
         return {
             "next_document": self.next_index,

@@ -41,18 +41,13 @@ class Entry:
 
 
 class BatchLedger:
-    def __init__(self, steps: int, max_staleness: int, start: int, cursor: dict, counts: dict | None = None):
-        counts = counts or {}
+    def __init__(self, steps: int, max_staleness: int, start: int, cursor: dict):
         self.steps, self.max_staleness = steps, max_staleness
         self.step = start  # batches trained = the learner's version
         self.next_index = start  # the first batch never taken from the stream
         self.start_cursor = cursor
         self.entries: dict[int, Entry] = {}
-        self.fed = counts.get("fed", 0)
-        self.refed = counts.get("refed", 0)
-        self.trained = counts.get("trained", 0)
-        self.skipped = Counter(counts.get("skipped", {}))
-        self.mismatched = counts.get("mismatched", 0)  # absent from checkpoints written before it was counted
+        self.load_state_dict({})
 
     # ---- feeding --------------------------------------------------------------------------------
 
@@ -137,7 +132,7 @@ class BatchLedger:
         previous = self.entries.get(self.step - 1)
         return previous.cursor if previous is not None else self.start_cursor
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         """The counts of the batches before the current step: what a checkpoint taken now covers.
         Batches beyond it are not in the checkpoint; a resume takes them from the stream again."""
         ahead = [e for e in self.entries.values() if e.index >= self.step and e.attempt]
@@ -148,6 +143,13 @@ class BatchLedger:
             "skipped": dict(self.skipped),
             "mismatched": self.mismatched - sum(len(e.samples) * e.mismatches for e in ahead),
         }
+
+    def load_state_dict(self, counts: dict) -> None:
+        self.fed = counts.get("fed", 0)
+        self.refed = counts.get("refed", 0)
+        self.trained = counts.get("trained", 0)
+        self.skipped = Counter(counts.get("skipped", {}))
+        self.mismatched = counts.get("mismatched", 0)  # absent from checkpoints written before it was counted
 
     def checkpointed(self) -> None:
         """A checkpoint at the current step exists: earlier batches will never be rolled back to."""

@@ -30,9 +30,10 @@ from statistics import mean
 
 from sip.actors.learner_group import LearnerDied, LearnerGroup
 from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
-from sip.checkpoint import CheckpointError, check_resumable, prune, resolve_resume, step_dir
+from sip.checkpoint import CheckpointError, check_resumable, resolve_resume
 from sip.config import SipConfig, dump_config
 from sip.train.data import DataError, check_source
+from sip.train.checkpoints import CheckpointManager, Tally
 from sip.train.judge_audit import JudgeAudit
 from sip.train.ledger import BatchLedger, Entry
 from sip.records import SOURCES, Batch, JudgedBatch, TrainExample
@@ -68,9 +69,10 @@ class TrainingRun:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.stop_signal: str | None = None
-        self.last_checkpoint: tuple[int, Path | None] = (0, None)
-        self.counters: Counter = Counter()  # judge calls and failures, rewrite failures, retried requests
-        self.faults: Counter = Counter()  # learner restarts, rollout batches lost with their worker, failed episodes
+        self.resume: Path | None = None
+        self.checkpoints: CheckpointManager | None = None
+        self.counters = Tally()  # judge calls and failures, rewrite failures, retried requests
+        self.faults = Tally()  # learner restarts, rollout batches lost with their worker, failed episodes
         self.judge_window: deque[tuple[int, int]] = deque(maxlen=cfg.judge.failure_window)
         self.episode_errors: Counter = Counter()
 
@@ -94,7 +96,7 @@ class TrainingRun:
         except (ClusterError, DataError, OutputLocked) as err:
             raise PipelineError(str(err)) from None
         except (CheckpointError, LearnerDied) as err:  # a checkpoint not written (a full disk), a rank lost in setup
-            raise PipelineError(f"{err}. {_resume_hint(self.last_checkpoint[1])}") from None
+            raise PipelineError(f"{err}. {_resume_hint(self._last_checkpoint())}") from None
 
     def _train(self) -> None:
         """Steps until the run is done or asked to stop, then the final checkpoint (a learner that dies
@@ -105,7 +107,7 @@ class TrainingRun:
             if self.stop_signal:
                 self._stop()
             try:
-                self.final_checkpoint = self._checkpoint()
+                self.final_checkpoint = self.checkpoints.save()
                 return
             except LearnerDied as err:
                 self._recover_learner(err)
@@ -158,18 +160,14 @@ class TrainingRun:
             self.tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, self.tokenizer_dir)
 
         self.learner = LearnerGroup(cfg, str(self.tokenizer_dir), self.resume)
-        extra = self.learner.extra
         self.pool = RolloutPool(cfg, str(self.tokenizer_dir), self.apps)
         self.learner.connect_generators(self.pool.actors)
-        start = self.learner.version
-        cursor = extra.get("sampler") or (self.base_info or {}).get("sampler") or {}
-        self.sampler = Sampler(cfg.data, self.tokenizer, cursor)
+        self.sampler = Sampler(cfg.data, self.tokenizer, (self.base_info or {}).get("sampler"))
         staleness = 0 if cfg.pipeline.mode == "sync" else cfg.pipeline.max_staleness
-        self.ledger = BatchLedger(cfg.train.steps, staleness, start, self.sampler.state(), extra.get("ledger"))
-        self.counters.update(extra.get("counters", {}))
-        self.faults.update(extra.get("faults", {}))
-        self.last_checkpoint = (start, self.resume)
-        self.counters_at_checkpoint = Counter(self.counters)
+        self.ledger = BatchLedger(cfg.train.steps, staleness, self.learner.version, self.sampler.state_dict())
+        self.checkpoints = CheckpointManager(cfg, self.out, self.learner, self.ledger, self.sampler, self.counters,
+                                             self.faults, self.resume)
+        self.checkpoints.load(self.learner.extra)
         self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
                              if cfg.run.eval_at_end and self.resume is None else None)
         self.weight_update = self.learner.publish_weights()
@@ -235,12 +233,10 @@ class TrainingRun:
             self._recover_learner(err)
             return
         self._log(entry.result, record, metrics)
-        if self.cfg.run.checkpoint_every and self.ledger.step % self.cfg.run.checkpoint_every == 0 \
-                and self.ledger.step < self.cfg.train.steps:
-            try:
-                self._checkpoint()
-            except LearnerDied as err:
-                self._recover_learner(err)
+        try:
+            self.checkpoints.save_if_due()
+        except LearnerDied as err:
+            self._recover_learner(err)
 
     def _feed(self) -> None:
         """Take new batches from the stream while the staleness bound allows, and hand out every batch waiting."""
@@ -251,7 +247,7 @@ class TrainingRun:
                 self._fail(str(err))
             if not samples:
                 self._fail(f"the data stream ended after {self.sampler.read} documents")
-            self.ledger.add(samples, self.sampler.state())
+            self.ledger.add(samples, self.sampler.state_dict())
         for entry in self.ledger.to_feed():
             attempt = self.ledger.mark_fed(entry)
             self.pool.submit(Batch(entry.index, entry.samples, self.weight_update, attempt))
@@ -381,44 +377,35 @@ class TrainingRun:
     # ---- faults, checkpoints, the end -----------------------------------------------------------
 
     def _recover_learner(self, err: Exception) -> None:
-        """Restart the learner group from the newest checkpoint (again, if a rank dies during the restart)."""
-        step, checkpoint = self.last_checkpoint
-        where = f"the checkpoint at step {step} ({checkpoint})" if checkpoint else "the start of the run"
+        """Go back to the newest checkpoint (again, if a rank dies during the restart)."""
+        checkpoints = self.checkpoints
+        where = (f"the checkpoint at step {checkpoints.last_step} ({checkpoints.last_path})" if checkpoints.last_path
+                 else "the start of the run")
         while True:
             self.faults["learner_restarts"] += 1
             if self.faults["learner_restarts"] > self.cfg.run.max_failures:
                 raise PipelineError(f"{err}; the learner has died {self.faults['learner_restarts']} times "
-                                    f"(run.max_failures={self.cfg.run.max_failures}). " + _resume_hint(checkpoint))
+                                    f"(run.max_failures={self.cfg.run.max_failures}). " + _resume_hint(checkpoints.last_path))
             log.warning("%s: restarting the learner group from %s", err, where)
             try:
-                self.learner.restart(checkpoint)
+                step = checkpoints.roll_back()
                 self.weight_update = self.learner.publish_weights()
                 break
             except LearnerDied as again:
                 err = again
-        self.ledger.rollback(step)
-        self.counters = Counter(self.counters_at_checkpoint)
         self.metrics_file.close()
         self._cut_metrics(step)
 
-    def _checkpoint(self) -> Path:
-        path = step_dir(self.out, self.ledger.step)
-        extra = {"sampler": self.ledger.cursor(), "ledger": self.ledger.state(), "counters": dict(self.counters),
-                 "faults": dict(self.faults)}
-        self.learner.save(path, extra)
-        self.ledger.checkpointed()
-        self.last_checkpoint = (self.ledger.step, path)
-        self.counters_at_checkpoint = Counter(self.counters)
-        prune(self.out, self.cfg.run.keep_checkpoints)
-        return path
+    def _last_checkpoint(self) -> Path | None:
+        return self.checkpoints.last_path if self.checkpoints is not None else self.resume
 
     def _fail(self, message: str) -> None:
         """Stop the run: with a checkpoint of the current step if the learner can still write one."""
         try:
-            checkpoint = self._checkpoint() if self.ledger.step > self.last_checkpoint[0] else self.last_checkpoint[1]
+            checkpoint = self.checkpoints.save_if_behind()
         except (LearnerDied, CheckpointError) as err:
             message += f" (and no checkpoint of step {self.ledger.step} could be written: {err})"
-            checkpoint = self.last_checkpoint[1]
+            checkpoint = self.checkpoints.last_path
         raise PipelineError(f"{message}. {_resume_hint(checkpoint)}")
 
     @contextmanager
@@ -447,10 +434,10 @@ class TrainingRun:
     def _stop(self) -> None:
         message = f"stopped by {self.stop_signal} at step {self.ledger.step} of {self.cfg.train.steps}"
         try:
-            checkpoint = self._checkpoint()
+            checkpoint = self.checkpoints.save()
         except (LearnerDied, CheckpointError) as err:
             message += f"; its checkpoint could not be written ({err})"
-            checkpoint = self.last_checkpoint[1]
+            checkpoint = self.checkpoints.last_path
         raise RunStopped(f"{message}. {_resume_hint(checkpoint)}", self.stop_signal)
 
     def _finish(self) -> dict:

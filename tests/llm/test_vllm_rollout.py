@@ -124,16 +124,18 @@ def test_the_pinned_vllm_offers_what_the_nccl_sync_calls(vllm_installed):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs two GPUs: one for the learner, one for the engine")
 def test_nccl_broadcast_gives_the_engine_the_learners_greedy_tokens(tokenizer_dir, vllm_installed):
     from sip.actors.generator import VLLMGenerator
+    from sip.actors.weight_sync import make_weight_sync
 
-    class Engine:  # what the learner's NCCL client calls on a generator actor, plus a greedy probe
+    class Engine:  # what the NCCL sender calls on a rollout worker, plus a greedy probe
         def __init__(self, cfg):
             self.engine = VLLMGenerator(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+            self.transport = make_weight_sync(cfg)
 
-        def join_weight_group(self, init_info):
-            self.engine.join_weight_group(init_info)
+        def join_weight_channel(self, info):
+            self.transport.join(self.engine, info)
 
-        def receive_weights(self, update_info, version):
-            self.engine.receive_weights(update_info, version)
+        def take_weights(self, info, version):
+            self.transport.receive(self.engine, info, version)
 
         def greedy(self, prefixes, n):
             return [g[0].ids for g in self.engine.generate(prefixes, 1, n, greedy=True)], self.engine.version

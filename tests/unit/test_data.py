@@ -70,7 +70,7 @@ def test_sampler_skips_and_counts_bad_documents(cfg, tokenizer):
 def test_sampler_resumes_exactly_from_its_state(cfg, tokenizer):
     first = Sampler(cfg, tokenizer)
     first.take(5)
-    state = first.state()
+    state = first.state_dict()
     expected = first.take(7)
     resumed = Sampler(cfg, tokenizer, state)
     assert resumed.take(7) == expected
@@ -106,13 +106,13 @@ def test_sampler_resumes_exactly_inside_a_document(cfg, tokenizer, cut):
     uninterrupted = Sampler(cfg, tokenizer)
     for _ in range(3):
         uninterrupted.take(5)
-    state = uninterrupted.state()
+    state = uninterrupted.state_dict()
     if cut == "chunks":
         assert state["next_chunk"] > 0, "this stream's 15th sample is not a document's last chunk"
     expected = [uninterrupted.take(5) for _ in range(4)]
     resumed = Sampler(cfg, tokenizer, json.loads(json.dumps(state)))  # as a checkpoint stores it
     assert [resumed.take(5) for _ in range(4)] == expected
-    assert resumed.state() == uninterrupted.state()
+    assert resumed.state_dict() == uninterrupted.state_dict()
 
 
 def test_chunks_take_many_stable_unique_samples_per_document(cfg, tokenizer):

@@ -95,7 +95,7 @@ def test_rollback_refeeds_every_batch_after_the_checkpoint():
             answer(ledger, index, attempt)
         train_next(ledger)
     ledger.checkpointed()  # at step 2
-    checkpoint_cursor, checkpoint_counts = ledger.cursor(), ledger.state()
+    checkpoint_cursor, checkpoint_counts = ledger.cursor(), ledger.state_dict()
     assert checkpoint_cursor == {"next_document": 2 * B}
     for index, attempt in feed_all(ledger).items():
         answer(ledger, index, attempt)
@@ -122,9 +122,10 @@ def test_state_covers_only_the_batches_before_the_step_so_a_resume_counts_right(
         answer(ledger, index, attempt)
     train_next(ledger)
     feed_all(ledger)  # batch 2 goes out: it is not in a checkpoint taken now
-    state = ledger.state()
+    state = ledger.state_dict()
     assert state == {"fed": B, "refed": 0, "trained": B, "skipped": {}, "mismatched": 0}
-    resumed = BatchLedger(steps=4, max_staleness=1, start=1, cursor=ledger.cursor(), counts=state)
+    resumed = BatchLedger(steps=4, max_staleness=1, start=1, cursor=ledger.cursor())
+    resumed.load_state_dict(state)
     while resumed.step < 4:
         for index, attempt in feed_all(resumed).items():
             answer(resumed, index, attempt)
@@ -185,8 +186,9 @@ def test_mismatches_are_checkpointed_and_older_checkpoints_still_load():
     feed_all(ledger)
     answer(ledger, 0, 2)
     train_next(ledger)
-    assert ledger.state()["mismatched"] == B and ledger.counts()["mismatched"] == 2 * B
-    resumed = BatchLedger(steps=3, max_staleness=1, start=1, cursor={}, counts=ledger.state())
+    assert ledger.state_dict()["mismatched"] == B and ledger.counts()["mismatched"] == 2 * B
+    resumed = BatchLedger(steps=3, max_staleness=1, start=1, cursor={})
+    resumed.load_state_dict(ledger.state_dict())
     assert resumed.counts()["mismatched"] == B
-    old = {"fed": B, "refed": 0, "trained": B, "skipped": {}}  # written before samples were checked
-    assert BatchLedger(steps=3, max_staleness=1, start=1, cursor={}, counts=old).counts()["mismatched"] == 0
+    resumed.load_state_dict({"fed": B, "refed": 0, "trained": B, "skipped": {}})  # written before samples were checked
+    assert resumed.counts()["mismatched"] == 0
