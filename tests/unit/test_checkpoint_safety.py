@@ -6,12 +6,14 @@ complete; and a full disk fails the save with the space it needs, leaving no par
 import json
 import os
 import pickle
+import resource
 import shutil
+import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -218,33 +220,26 @@ def test_prune_keeps_the_newest_and_removes_partial_folders(tmp_path):
 
 # ---- a full disk ---------------------------------------------------------------------------------
 
-FULL_DISK = """
-import json, resource, signal, sys
-from pathlib import Path
-from helpers import EXAMPLES, make_cfg, one_rank, step
-tokenizer_dir, root = sys.argv[1], Path(sys.argv[2])
-with one_rank(make_cfg("nll"), tokenizer_dir) as learner:
-    step(learner, EXAMPLES)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+@contextmanager
+def file_size_limit(nbytes: int):
+    """A real RLIMIT_FSIZE on this process: a write past it fails with EFBIG (SIGXFSZ ignored meanwhile)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, previous_limit[1]))
     try:
-        learner.save(str(root / "partial"), str(root / "step_000001"), {})
-        outcome = {"error": None}
-    except Exception as err:
-        outcome = {"error": type(err).__name__, "message": str(err)}
-print(json.dumps(outcome))
-"""
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
 
 
 def test_a_write_that_fails_for_lack_of_space_says_so_and_leaves_no_partial_folder(tokenizer_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tokenizer_dir), str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parents[1],
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
-    assert outcome["error"] == "CheckpointWriteError", outcome
-    assert outcome["message"].startswith(f"cannot write the checkpoint {tmp_path / 'partial'}: File too large; "
-                                         "a checkpoint needs about "), outcome
+    with one_rank(make_cfg("nll"), tokenizer_dir) as learner:
+        step(learner, EXAMPLES)
+        with file_size_limit(64 * 1024), pytest.raises(CheckpointWriteError) as refused:
+            learner.save(str(tmp_path / "partial"), str(tmp_path / "step_000001"), {})
+    assert str(refused.value).startswith(f"cannot write the checkpoint {tmp_path / 'partial'}: File too large; "
+                                         "a checkpoint needs about "), refused.value
     assert list(tmp_path.iterdir()) == []
 
 
