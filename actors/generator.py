@@ -180,17 +180,14 @@ class RolloutWorker:
         rollouts, version = await self._rollouts(batch, stages) if self.engine else ([[] for _ in samples], None)
         rewrite_texts = await rewrites if rewrites else []
 
-        candidates, rewrite_failures = self._candidates(samples, rollouts, version, rewrite_texts)
+        candidates, rewrite_failures = candidates_for(self.sources, self.tokenizer, self.cfg.data.suffix_tokens, samples,
+                                                      rollouts, version, rewrite_texts)
         result = JudgedBatch(index=batch.index, attempt=batch.attempt, judged=[], rewrite_failures=rewrite_failures)
         if self.judge is None:
             result.judged = [JudgedSample(s, c, reward=[1.0] * len(c)) for s, c in zip(samples, candidates)]
         else:
             judge_start = time.perf_counter()
-            pivot_source = "rewrite" if self.cfg.judge.pivot == "rewrite" else "suffix"
-            tasks = [
-                JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == pivot_source), None))
-                for p, cands in zip(passages, candidates)
-            ]
+            tasks = judge_tasks(passages, candidates, self.cfg.judge.pivot)
             verdicts: list[JudgeResult] = await asyncio.gather(*(
                 self._request("judge", lambda t=t: self.metrics.judge_call(self.judge.score.remote(t)), retries) for t in tasks
             ))
@@ -232,21 +229,31 @@ class RolloutWorker:
             self.metrics.generated(sum(len(r.ids) for group in rollouts for r in group), stages["generate"])
             return rollouts, self.engine.version
 
-    def _candidates(self, samples: list[Sample], rollouts, version, rewrite_texts) -> tuple[list[list[Candidate]], int]:
-        n = self.cfg.data.suffix_tokens
-        failures = 0
-        out = []
-        for i, sample in enumerate(samples):
-            cands = []
-            if "suffix" in self.sources:
-                cands.append(Candidate("suffix", sample.suffix_ids, sample.suffix))
-            if "rewrite" in self.sources:
-                ids = self.tokenizer.encode(rewrite_texts[i], add_special_tokens=False)[:n]
-                if ids:
-                    cands.append(Candidate("rewrite", ids, self.tokenizer.decode(ids)))
-                else:
-                    failures += 1
-            for r in rollouts[i]:
-                cands.append(Candidate("rollout", r.ids, self.tokenizer.decode(r.ids), version, r.logprobs))
-            out.append(cands)
-        return out, failures
+
+def candidates_for(sources: list[str], tokenizer, n: int, samples: list[Sample], rollouts: list[list[Rollout]],
+                   version: int | None, rewrite_texts: list[str]) -> tuple[list[list[Candidate]], int]:
+    """Each sample's candidates, in `sources` order (rollouts last), and how many rewrites came back
+    empty (their candidate is left out)."""
+    failures = 0
+    out = []
+    for i, sample in enumerate(samples):
+        cands = []
+        if "suffix" in sources:
+            cands.append(Candidate("suffix", sample.suffix_ids, sample.suffix))
+        if "rewrite" in sources:
+            ids = tokenizer.encode(rewrite_texts[i], add_special_tokens=False)[:n]
+            if ids:
+                cands.append(Candidate("rewrite", ids, tokenizer.decode(ids)))
+            else:
+                failures += 1
+        for r in rollouts[i]:
+            cands.append(Candidate("rollout", r.ids, tokenizer.decode(r.ids), version, r.logprobs))
+        out.append(cands)
+    return out, failures
+
+
+def judge_tasks(passages: list[Passage], candidates: list[list[Candidate]], pivot: str) -> list[JudgeTask]:
+    """One judge request per sample; `pivot` names the candidate the pivot protocol compares against."""
+    source = "rewrite" if pivot == "rewrite" else "suffix"
+    return [JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == source), None))
+            for p, cands in zip(passages, candidates)]

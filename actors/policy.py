@@ -36,7 +36,6 @@ def load_wire(model, weights: dict) -> None:
     model.load_state_dict(from_wire(weights))
 
 
-@torch.no_grad()
 def generate(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[list[int]]]:
     """Exactly `n` new tokens per sample (end-of-text is suppressed), `samples` per prefix.
@@ -55,7 +54,6 @@ def greedy_batched(model, prefixes: list[list[int]], n: int, pad_id: int, batch_
     return out
 
 
-@torch.no_grad()
 def sample_rollouts(model, prefixes: list[list[int]], n: int, pad_id: int, *, samples: int = 1,
                     temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> list[list[Rollout]]:
     """As `generate`, with each token's log-probability under the model (before temperature and top-p)."""
@@ -63,32 +61,68 @@ def sample_rollouts(model, prefixes: list[list[int]], n: int, pad_id: int, *, sa
     return [[Rollout(i, lp) for i, lp in zip(rows, lps)] for rows, lps in zip(ids, logprobs)]
 
 
+@torch.no_grad()
 def _generate(model, prefixes, n, pad_id, samples, temperature, top_p, greedy, logprobs):
+    """A lean decoding loop: one prefill of the distinct prefixes (its KV cache then repeated for the
+    samples), then exactly `n` single-token forwards. It decides each token as transformers'
+    `generate` does with min_new_tokens=n (end-of-text never chosen), temperature and top-p (no top-k),
+    without its per-token bookkeeping; greedy outputs are the same (tests/unit/test_policy.py)."""
+    from transformers import DynamicCache
+
     width = max(len(p) for p in prefixes)
     input_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for i, prefix in enumerate(prefixes):
         input_ids[i, width - len(prefix):] = torch.tensor(prefix)
         attention[i, width - len(prefix):] = 1
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention.to(model.device),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        num_return_sequences=samples,
-        do_sample=not greedy,
-        pad_token_id=pad_id,
-        output_logits=logprobs,
-        return_dict_in_generate=True,
-        **sampling,
-    )
-    new = out.sequences[:, width:]
-    token_logprobs = None
-    if logprobs:  # out.logits: the raw logits of each step, before any logits processor
-        steps = torch.stack(out.logits, dim=1).float().log_softmax(-1)
-        token_logprobs = steps.gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
-    return _per_prefix(new.tolist(), samples), _per_prefix(token_logprobs, samples) if logprobs else None
+    device = model.device
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    if samples > 1:
+        cache.batch_repeat_interleave(samples)
+        logits, attention = logits.repeat_interleave(samples, 0), attention.repeat_interleave(samples, 0)
+    position = positions[:, -1:].repeat_interleave(samples, 0)
+    never = _end_of_text_ids(model)
+    tokens, token_logprobs = [], []
+    for step in range(n):
+        raw = logits.float()
+        scores = raw.clone()
+        scores[:, never] = -float("inf")
+        if greedy:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(_top_p(scores / temperature, top_p).softmax(-1), 1).squeeze(1)
+        tokens.append(token)
+        if logprobs:  # under the model itself, before end-of-text suppression, temperature and top-p
+            token_logprobs.append(raw.log_softmax(-1).gather(-1, token[:, None]).squeeze(1))
+        if step == n - 1:
+            break
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+    new = torch.stack(tokens, 1).tolist()
+    lps = torch.stack(token_logprobs, 1).tolist() if logprobs else None
+    return _per_prefix(new, samples), _per_prefix(lps, samples) if logprobs else None
+
+
+def _end_of_text_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = model.config.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the fewest most likely tokens whose probability reaches `top_p` (the most likely always)."""
+    if top_p >= 1.0:
+        return scores
+    ascending, order = torch.sort(scores, descending=False)
+    drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
 
 
 def _per_prefix(rows: list, samples: int) -> list[list]:

@@ -25,7 +25,8 @@ def base_key(cfg: SipConfig) -> str:
     """Everything that changes the base, and nothing that does not (threads, CPUs, cache place, how
     SIP later cuts samples): the config, and the fingerprint of the data files it reads."""
     parts = {
-        "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document"}),
+        "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document", "suffix_tokens",
+                                                            "min_prefix_tokens"}),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
         "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s"}),
     }
