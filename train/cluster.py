@@ -121,13 +121,14 @@ def remove_orphan_apps() -> list[str]:
     return removed
 
 
-def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str, str]:
+def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str], wait: bool = True) -> dict[str, str]:
     """The run's judge (always: evaluation uses it) and, when rewrites are candidates, its rewriter.
 
     A section that sets `attach` uses the long-lived app of the plain name (`sip serve`), after
     checking it runs with the same settings. Returns the app name per role; each app it deploys is
     added to `started` first, so one that fails half-way is deleted too. Waits at most
-    `pipeline.timeout_s` for the replicas, then says what holds the cluster's resources.
+    `pipeline.timeout_s` for the replicas, then says what holds the cluster's resources; with
+    `wait=False` the caller waits later (`wait_for_teachers`), starting other roles meanwhile.
     """
     from ray import serve
 
@@ -153,8 +154,16 @@ def deploy_teachers(cfg: SipConfig, run_id: str, started: list[str]) -> dict[str
         serve.run_many([serve.RunTarget(builders[role](), name=names[role], route_prefix=None,
                                         logging_config={"enable_access_log": False})],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    wait_for_apps([names[SECTIONS[n]] for n in app_names(cfg) if not getattr(cfg, SECTIONS[n]).attach], cfg.pipeline.timeout_s)
+    if wait:
+        wait_for_teachers(cfg, names)
     return names
+
+
+def wait_for_teachers(cfg: SipConfig, names: dict[str, str]) -> None:
+    """Until the replicas of the apps this run deployed are running (at most `pipeline.timeout_s`)."""
+    from sip.serve.apps import SECTIONS, app_names
+
+    wait_for_apps([names[SECTIONS[n]] for n in app_names(cfg) if not getattr(cfg, SECTIONS[n]).attach], cfg.pipeline.timeout_s)
 
 
 def wait_for_apps(names: list[str], timeout: float) -> None:
@@ -180,18 +189,23 @@ def wait_for_apps(names: list[str], timeout: float) -> None:
 
 
 @contextmanager
-def cluster_session(cfg: SipConfig, run_id: str):
-    """Ray up, orphaned apps removed, resources checked, the run's judge and rewriter deployed; yields their app names."""
+def cluster_session(cfg: SipConfig, run_id: str, mark=lambda phase: None):
+    """Ray up, orphaned apps removed, resources checked, the run's judge and rewriter deploying; yields their
+    app names at once (the caller waits for them with `wait_for_teachers`, after starting its other roles).
+    `mark(phase)` is called as each phase ends."""
     import ray
 
     started_cluster = init_ray(cfg)
+    mark("ray_ready")
     started: list[str] = []
     owner = None
     try:
         owner = start_owner(run_id)
         remove_orphan_apps()
         check_resources(cfg)
-        yield deploy_teachers(cfg, run_id, started)
+        apps = deploy_teachers(cfg, run_id, started, wait=False)
+        mark("deployments_started")
+        yield apps
     finally:
         if started:
             from ray import serve

@@ -71,10 +71,13 @@ class TrainingRun:
         self.stop_signal: str | None = None
         self.resume: Path | None = None
         self.checkpoints: CheckpointManager | None = None
+        self.pool: RolloutPool | None = None
+        self.learner: LearnerGroup | None = None
         self.counters = Tally()  # judge calls and failures, rewrite failures, retried requests
         self.faults = Tally()  # learner restarts, rollout batches lost with their worker, failed episodes
         self.judge_window: deque[tuple[int, int]] = deque(maxlen=cfg.judge.failure_window)
         self.episode_errors: Counter = Counter()
+        self.startup: dict[str, float] = {}  # seconds since the command started, at the end of each start-up phase
 
     def run(self) -> dict:
         from sip.resources import ClusterError
@@ -83,20 +86,27 @@ class TrainingRun:
         try:
             with OutputLock(self.out, self.cfg.run.id):
                 resume_state = self._check_inputs()
-                with cluster_session(self.cfg, self.cfg.run.id) as apps, self._stop_on_signals():
+                self._mark("inputs_checked")
+                with cluster_session(self.cfg, self.cfg.run.id, self._mark) as apps, self._stop_on_signals():
                     self.apps = apps
-                    self._prepare(resume_state)
                     try:
+                        self._prepare(resume_state)
                         with self._outputs():
                             self._train()
                             return self._finish()
                     finally:
-                        self.pool.shutdown()
-                        self.learner.shutdown()
+                        for role in (self.pool, self.learner):
+                            if role is not None:
+                                role.shutdown()
         except (ClusterError, DataError, OutputLocked) as err:
             raise PipelineError(str(err)) from None
         except (CheckpointError, LearnerDied) as err:  # a checkpoint not written (a full disk), a rank lost in setup
             raise PipelineError(f"{err}. {_resume_hint(self._last_checkpoint())}") from None
+
+    def _mark(self, phase: str) -> None:
+        import psutil
+
+        self.startup[phase] = round(time.time() - psutil.Process().create_time(), 2)
 
     def _train(self) -> None:
         """Steps until the run is done or asked to stop, then the final checkpoint (a learner that dies
@@ -142,6 +152,7 @@ class TrainingRun:
         from transformers import AutoTokenizer
 
         from sip.train.base import ensure_base
+        from sip.train.cluster import wait_for_teachers
         from sip.train.data import Sampler, load_or_train_tokenizer
         from sip.train.evaluate import evaluate
 
@@ -150,6 +161,7 @@ class TrainingRun:
         self.base_info = None
         if self.resume is None and cfg.policy.init == "scratch" and cfg.base.steps > 0:
             base_folder, self.base_info = ensure_base(cfg)
+            self._mark("base_ready")
             cfg = self.cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"init": str(base_folder)})})
         (self.out / "config.yaml").write_text(dump_config(cfg))
         self.tokenizer_dir = self.out / "tokenizer"
@@ -159,9 +171,14 @@ class TrainingRun:
         else:
             self.tokenizer = load_or_train_tokenizer(cfg.data, cfg.policy, self.tokenizer_dir)
 
-        self.learner = LearnerGroup(cfg, str(self.tokenizer_dir), self.resume)
+        self._mark("tokenizer_ready")
+        # every role starts at once: the workers' and the replicas' processes come up while the learner sets up
         self.pool = RolloutPool(cfg, str(self.tokenizer_dir), self.apps)
+        self.learner = LearnerGroup(cfg, str(self.tokenizer_dir), self.resume)
+        self._mark("learner_ready")
         self.learner.connect_generators(self.pool.actors)
+        wait_for_teachers(cfg, self.apps)
+        self._mark("deployments_ready")
         self.sampler = Sampler(cfg.data, self.tokenizer, (self.base_info or {}).get("sampler"))
         staleness = 0 if cfg.pipeline.mode == "sync" else cfg.pipeline.max_staleness
         self.ledger = BatchLedger(cfg.train.steps, staleness, self.learner.version, self.sampler.state_dict())
@@ -171,6 +188,7 @@ class TrainingRun:
         self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
                              if cfg.run.eval_at_end and self.resume is None else None)
         self.weight_update = self.learner.publish_weights()
+        self._mark("first_weights_published")
         self.samples_at_start = self.ledger.trained + sum(self.ledger.skipped.values())
         self.audit = JudgeAudit(cfg) if cfg.judge.audit_every and cfg.needs_judge else None
 
@@ -233,6 +251,8 @@ class TrainingRun:
             self._recover_learner(err)
             return
         self._log(entry.result, record, metrics)
+        if "first_step" not in self.startup:
+            self._mark("first_step")
         try:
             self.checkpoints.save_if_due()
         except LearnerDied as err:
@@ -459,6 +479,7 @@ class TrainingRun:
             "train_seconds": round(train_seconds, 2),
             "samples_per_s": round(judged_now / train_seconds, 3),
             "samples": {"documents_read": self.sampler.read, "documents_skipped": dict(self.sampler.skipped), **counts},
+            "startup_s": self.startup,
             "restarts": {"learner": self.faults["learner_restarts"], "rollout": sum(self.pool.restarts.values())},
             "faults": dict(self.faults),
             "judge_calls": self.counters["judge_calls"],
