@@ -125,6 +125,8 @@ class LearnerRank:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
+        if self.world_size == 1 and compute_dtype(self.cfg) == torch.float32:
+            return model  # nothing to shard and no mixed precision: FSDP's hooks would only cost time (~10% a step)
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype(self.cfg), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=policy)
