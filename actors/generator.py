@@ -11,6 +11,7 @@ with its error, and the driver feeds the batch again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from collections import Counter
@@ -127,6 +128,7 @@ class RolloutWorker:
         self._engine_lock = asyncio.Lock()
         self.apps = apps
         self.judge = self.rewriter = None
+        self.reference = None  # train.reference_logprobs=rollout_worker: the DPO reference, loaded from the first batch
         self.metrics = RolloutMetrics(run_tags(cfg), worker_id)
 
     def _handles(self) -> None:
@@ -197,10 +199,24 @@ class RolloutWorker:
                 result.judge_failures += v.failures
                 result.judge_failure_example = v.failure_example or result.judge_failure_example
             stages["judge"] = time.perf_counter() - judge_start
+            if batch.reference is not None:
+                reference_start = time.perf_counter()
+                await self._reference_logprobs(batch.reference, result.judged)
+                stages["reference"] = time.perf_counter() - reference_start
         result.request_retries = dict(retries)
         stages["episode"] = time.perf_counter() - start
         result.stage_seconds = stages
         return result
+
+    async def _reference_logprobs(self, reference: tuple, judged: list[JudgedSample]) -> None:
+        loop = asyncio.get_running_loop()
+        if self.reference is None:
+            weights = await reference[0]
+            model = build_policy(self.cfg.policy, self.tokenizer, self.cfg.run.seed, self.cfg.data.max_seq_tokens).eval()
+            await loop.run_in_executor(None, load_wire, model, weights)
+            self.reference = model
+        await loop.run_in_executor(None, attach_reference_logprobs, self.reference, judged, self.cfg.objective,
+                                   self.cfg.run.seed, self.tokenizer.pad_token_id)
 
     async def _rewrites(self, passages: list[Passage], retries: Counter, stages: dict) -> list[str]:
         start = time.perf_counter()
@@ -250,6 +266,24 @@ def candidates_for(sources: list[str], tokenizer, n: int, samples: list[Sample],
             cands.append(Candidate("rollout", r.ids, tokenizer.decode(r.ids), version, r.logprobs))
         out.append(cands)
     return out, failures
+
+
+@torch.no_grad()
+def attach_reference_logprobs(reference, judged: list[JudgedSample], objective, seed: int, pad_id: int) -> None:
+    """Give the candidates the objective will choose and reject their summed log-probability under the
+    reference, in place, so the learner's step need not compute them."""
+    from sip.losses import target_logprobs
+
+    picks = []
+    for js in judged:
+        if objective.skip_reason(js) is None:
+            picks += [(js, i) for i in objective.pair(js, seed) if i is not None]
+    if not picks:
+        return
+    logp, _ = target_logprobs(reference, [js.sample.prefix_ids for js, _ in picks], [js.candidates[i].ids for js, i in picks],
+                              pad_id)
+    for (js, i), value in zip(picks, logp.tolist()):
+        js.candidates[i] = dataclasses.replace(js.candidates[i], reference_logprob=value)
 
 
 def judge_tasks(passages: list[Passage], candidates: list[list[Candidate]], pivot: str) -> list[JudgeTask]:

@@ -201,6 +201,11 @@ class LearnerRank:
         state = self._full_state(self.model)
         return to_wire(state, dtype) if self.rank == 0 else None
 
+    def reference_weights(self, dtype: str = "float32") -> dict | None:
+        """The DPO reference for the rollout workers (rank 0; None elsewhere), as numpy in `dtype`."""
+        state = self._full_state(self.reference)
+        return to_wire(state, dtype) if self.rank == 0 else None
+
     def greedy(self, prefixes: list[list[int]], n: int, batch_size: int = 32) -> list[list[int]]:
         """Greedy continuations of exactly `n` tokens, the prefixes split over the ranks."""
         per_rank = math.ceil(len(prefixes) / self.world_size)

@@ -102,6 +102,14 @@ class LearnerGroup:
     def publish_weights(self) -> WeightUpdate:
         return self.weight_sync.publish(self.ranks, self.version)
 
+    def publish_reference(self) -> tuple | None:
+        """train.reference_logprobs=rollout_worker (DPO): the reference's weights in the object store, once,
+        for the rollout workers; None otherwise. The driver owns the object, so it outlives a learner restart."""
+        if self.cfg.train.reference_logprobs != "rollout_worker" or not self.cfg.objective.needs_reference:
+            return None
+        refs = [rank.reference_weights.remote() for rank in self.ranks]
+        return (refs[0],)
+
     def connect_generators(self, workers: list) -> None:
         """Whatever the weight transport needs to reach the rollout workers (nccl: they join rank 0's group)."""
         self.weight_sync.connect(self.ranks, workers)

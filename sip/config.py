@@ -308,6 +308,10 @@ class TrainConfig(Section):
         "auto", description="compute dtype (FSDP2 mixed precision; master weights stay float32): auto = bfloat16 on GPU, float32 on CPU"
     )
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the backward pass")
+    reference_logprobs: Literal["learner", "rollout_worker"] = Field(
+        "learner", description="DPO: where the reference's log-probabilities of the chosen and rejected candidates are "
+        "computed: in the learner's step, or by the rollout worker after judging (off the learner's critical path; "
+        "the worker holds a CPU copy of the reference)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank: above 0 the learner trains on CUDA (NCCL between ranks)")
 

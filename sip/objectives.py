@@ -55,12 +55,17 @@ class Objective:
         """The training example for one judged sample, or None (`skip_reason` says why)."""
         if self.skip_reason(judged) is not None:
             return None
-        return self._example(judged, random.Random(f"{seed}:{judged.sample.id}"))
+        chosen_at, rejected_at = self.pair(judged, seed)
+        chosen = judged.candidates[chosen_at]
+        rejected = judged.candidates[rejected_at] if rejected_at is not None else None
+        return TrainExample(judged.sample.id, judged.sample.prefix_ids, chosen.ids, chosen.source,
+                            rejected.ids if rejected else None, rejected.source if rejected else None,
+                            chosen.reference_logprob, rejected.reference_logprob if rejected else None)
 
-    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
-        """The best fully judged candidate as the target."""
-        chosen = judged.candidates[self._pick(judged, rng, best=True)]
-        return TrainExample(judged.sample.id, judged.sample.prefix_ids, chosen.ids, chosen.source)
+    def pair(self, judged: JudgedSample, seed: int) -> tuple[int, int | None]:
+        """The chosen candidate's index and the rejected one's (None when the objective has none), for a
+        sample `skip_reason` lets through; the same on the driver and on a rollout worker."""
+        return self._pick(judged, random.Random(f"{seed}:{judged.sample.id}"), best=True), None
 
     @staticmethod
     def _pick(judged: JudgedSample, rng: random.Random, best: bool) -> int:
@@ -99,9 +104,8 @@ class NLL(Objective):
     def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
         return None if judged.candidates else "no_candidate"
 
-    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
-        (target,) = judged.candidates
-        return TrainExample(judged.sample.id, judged.sample.prefix_ids, target.ids, target.source)
+    def pair(self, judged: JudgedSample, seed: int) -> tuple[int, int | None]:
+        return 0, None  # its one candidate
 
 
 class RewardFilteredNLL(Objective):
@@ -122,11 +126,9 @@ class DPO(Objective):
             return "tie"
         return reason
 
-    def _example(self, judged: JudgedSample, rng: random.Random) -> TrainExample:
-        chosen = judged.candidates[self._pick(judged, rng, best=True)]
-        rejected = judged.candidates[self._pick(judged, rng, best=False)]
-        return TrainExample(judged.sample.id, judged.sample.prefix_ids, chosen.ids, chosen.source, rejected.ids,
-                            rejected.source)
+    def pair(self, judged: JudgedSample, seed: int) -> tuple[int, int | None]:
+        rng = random.Random(f"{seed}:{judged.sample.id}")
+        return self._pick(judged, rng, best=True), self._pick(judged, rng, best=False)
 
     def micro_batch(self, model, reference, chunk: list[TrainExample], totals: dict, beta: float, nll_coef: float,
                     pad_id: int) -> tuple[torch.Tensor, list[float]]:
@@ -137,8 +139,12 @@ class DPO(Objective):
         prefixes = [e.prefix_ids for e in chunk] * 2
         targets = [e.chosen_ids for e in chunk] + [e.rejected_ids for e in chunk]
         logp, n_tokens = target_logprobs(model, prefixes, targets, pad_id)
-        with torch.no_grad():
-            ref_logp, _ = target_logprobs(reference, prefixes, targets, pad_id)
+        given = [e.chosen_reference_logprob for e in chunk] + [e.rejected_reference_logprob for e in chunk]
+        if None not in given:  # computed by the rollout worker (train.reference_logprobs=rollout_worker)
+            ref_logp = torch.tensor(given, dtype=logp.dtype, device=logp.device)
+        else:
+            with torch.no_grad():
+                ref_logp, _ = target_logprobs(reference, prefixes, targets, pad_id)
         b = len(chunk)
         dpo, margin = dpo_terms(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], beta)
         nll_sum = -logp[:b].sum()

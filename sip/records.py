@@ -36,6 +36,7 @@ class Candidate:
     text: str
     version: int | None = None  # the policy version that wrote it; None for suffix and rewrite
     logprobs: list[float] | None = None  # rollouts: per-token log-probabilities under that policy
+    reference_logprob: float | None = None  # summed under the DPO reference, when a rollout worker computed it
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Batch:
     samples: list[Sample]
     weight_update: Any = None  # a WeightUpdate (actors/weight_sync/): the policy version its rollouts need, and where it is
     attempt: int = 1
+    reference: Any = None  # train.reference_logprobs=rollout_worker: (ObjectRef of the reference's weights,)
 
 
 @dataclass
@@ -87,6 +89,9 @@ class TrainExample:
     chosen_source: CandidateSource
     rejected_ids: list[int] | None = None
     rejected_source: CandidateSource | None = None
+    # summed log-probabilities under the DPO reference, when a rollout worker computed them (else the learner does)
+    chosen_reference_logprob: float | None = None
+    rejected_reference_logprob: float | None = None
 
 
 # ---- what the judge and rewriter deployments take and give (text only, never ids or weights) ----

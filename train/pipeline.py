@@ -188,6 +188,7 @@ class TrainingRun:
         self.initial_eval = (evaluate(cfg, self.learner, self.tokenizer, self.apps["judge"])
                              if cfg.run.eval_at_end and self.resume is None else None)
         self.weight_update = self.learner.publish_weights()
+        self.reference = self.learner.publish_reference()
         self._mark("first_weights_published")
         self.samples_at_start = self.ledger.trained + sum(self.ledger.skipped.values())
         self.audit = JudgeAudit(cfg) if cfg.judge.audit_every and cfg.needs_judge else None
@@ -270,7 +271,7 @@ class TrainingRun:
             self.ledger.add(samples, self.sampler.state_dict())
         for entry in self.ledger.to_feed():
             attempt = self.ledger.mark_fed(entry)
-            self.pool.submit(Batch(entry.index, entry.samples, self.weight_update, attempt))
+            self.pool.submit(Batch(entry.index, entry.samples, self.weight_update, attempt, self.reference))
 
     def _collect(self) -> Entry | None:
         """Wait for the next batch in order; lost and failed batches are fed again meanwhile."""

@@ -99,3 +99,19 @@ def test_plain_text_source_skips_and_counts_bad_documents(tmp_path):
     assert skipped.get("empty", 0) >= 1 and skipped.get("not_text", 0) >= 1
     assert summary["samples"]["fed"] == 8
     assert summary["eval"]["prompts"] >= 1
+
+
+def test_reference_logprobs_from_the_rollout_workers_train_as_the_learners_do(tmp_path):
+    """The same sync DPO run with the reference computed by the learner and by the rollout worker: the same
+    batches, chosen and rejected, so the same losses and margins up to float rounding."""
+    base = TINY + ["train.steps=3", "pipeline.mode=sync", "run.eval_at_end=false", "rollout.k=3"]
+    for where in ("learner", "rollout_worker"):
+        run_training(load_config(None, base + [f"train.reference_logprobs={where}", f"run.output_dir={tmp_path / where}"]))
+    learner, worker = rows(tmp_path / "learner"), rows(tmp_path / "rollout_worker")
+    assert [r["trained"] for r in worker] == [r["trained"] for r in learner] and sum(r["trained"] for r in worker) > 0
+    for a, b in zip(learner, worker):
+        for key in ("loss", "reward_margin", "dpo_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    assert all("worker_reference" in r["time_s"] for r in worker if r["trained"])
+    assert not any("worker_reference" in r["time_s"] for r in learner)
