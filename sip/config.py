@@ -309,7 +309,7 @@ class TrainConfig(Section):
     )
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the backward pass")
     reference_logprobs: Literal["learner", "rollout_worker"] = Field(
-        "learner", description="DPO: where the reference's log-probabilities of the chosen and rejected candidates are "
+        "rollout_worker", description="DPO: where the reference's log-probabilities of the chosen and rejected candidates are "
         "computed: in the learner's step, or by the rollout worker after judging (off the learner's critical path; "
         "the worker holds a CPU copy of the reference)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per learner rank")
