@@ -37,6 +37,18 @@ def make_cfg(objective, *extra):
     return load_config(None, overrides + list(extra))
 
 
+def tiny_llama(tokenizer_dir, hidden: int, layers: int, seed: int):
+    """A small Llama from scratch with the test tokenizer, in eval mode, and its pad id."""
+    from transformers import AutoTokenizer
+
+    from sip.actors.policy import build_policy
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = load_config(None, [f"policy.hidden_size={hidden}", f"policy.num_layers={layers}", "policy.num_heads=2",
+                             f"policy.intermediate_size={2 * hidden}"])
+    return build_policy(cfg.policy, tokenizer, seed=seed, max_positions=64).eval(), tokenizer.pad_token_id
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

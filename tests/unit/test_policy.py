@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-from sip.actors.policy import build_policy, generate, sample_rollouts
-from sip.config import load_config
+from helpers import tiny_llama
+from sip.actors.policy import generate, sample_rollouts
 from sip.losses import target_logprobs
 
 PREFIXES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
@@ -13,13 +11,10 @@ PREFIXES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 
 @pytest.fixture(scope="module")
 def model_and_pad(tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = load_config(None, ["policy.hidden_size=48", "policy.num_layers=2", "policy.num_heads=2",
-                             "policy.intermediate_size=96"])
-    model = build_policy(cfg.policy, tokenizer, seed=3, max_positions=64).eval()
+    model, pad = tiny_llama(tokenizer_dir, hidden=48, layers=2, seed=3)
     with torch.no_grad():  # make end-of-text the model's favourite, so its suppression is tested
-        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.max(0).values * 4
-    return model, tokenizer.pad_token_id
+        model.lm_head.weight[model.generation_config.eos_token_id] = model.lm_head.weight.max(0).values * 4
+    return model, pad
 
 
 def hf_generate(model, prefixes, n, pad_id, **sampling):

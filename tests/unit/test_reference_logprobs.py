@@ -6,11 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
+from helpers import tiny_llama
 from sip.actors.generator import attach_reference_logprobs
-from sip.actors.policy import build_policy
-from sip.config import load_config
 from sip.objectives import OBJECTIVES
 from sip.records import Candidate, JudgedSample, Sample
 
@@ -19,15 +16,12 @@ DPO = OBJECTIVES["dpo"]
 
 @pytest.fixture(scope="module")
 def models(tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = load_config(None, ["policy.hidden_size=32", "policy.num_layers=1", "policy.num_heads=2",
-                             "policy.intermediate_size=64"])
-    reference = build_policy(cfg.policy, tokenizer, seed=1, max_positions=64).eval()
+    reference, pad = tiny_llama(tokenizer_dir, hidden=32, layers=1, seed=1)
     policy = copy.deepcopy(reference)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return policy, reference, tokenizer.pad_token_id
+    return policy, reference, pad
 
 
 def batch():
