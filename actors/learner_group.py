@@ -79,9 +79,8 @@ class LearnerGroup:
             raise LearnerDied(f"the learner ranks did not finish {what} within pipeline.timeout_s={self.timeout:g}s") from None
 
     def train_step(self, examples: list[TrainExample]) -> dict[str, float]:
-        """One optimizer step on `examples`, split round-robin over the ranks; an empty batch still bumps the version."""
-        n = len(self.ranks)
-        shares = [examples[r::n] for r in range(n)]
+        """One optimizer step on `examples`, split over the ranks; an empty batch still bumps the version."""
+        shares = shard_by_length(examples, len(self.ranks))
         largest = max(len(s) for s in shares)
         size = self.cfg.train.micro_batch_size or largest or 1
         totals = {
@@ -89,7 +88,7 @@ class LearnerGroup:
             "chosen_tokens": sum(len(e.chosen_ids) for e in examples),
             "micro_batches": math.ceil(largest / size),
             "micro_batch_size": size,
-            "filler": examples[0] if examples else None,
+            "filler": shares[0][0] if examples else None,  # the shortest
         }
         metrics = self._get([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shares)], "train_step")[0]
         self.version = int(metrics["policy_version"])
@@ -143,3 +142,11 @@ class LearnerGroup:
         if self._placement is not None:
             remove_placement_group(self._placement)
             self._placement = None
+
+
+def shard_by_length(examples: list[TrainExample], n: int) -> list[list[TrainExample]]:
+    """Each rank's share, in order of length, dealt round-robin from the examples sorted by length: a
+    micro-batch then pads only to its own longest, and the ranks get equal work. The step's gradient
+    does not depend on the order."""
+    ordered = sorted(examples, key=lambda e: len(e.prefix_ids) + max(len(e.chosen_ids), len(e.rejected_ids or ())))
+    return [ordered[r::n] for r in range(n)]

@@ -174,7 +174,7 @@ def fingerprint(cfg: SipConfig) -> dict:
     return {
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
         "data": cfg.data.model_dump(mode="json"),
-        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s"}),
+        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"}),
         "objective": cfg.train.objective,
         "candidates": list(cfg.train.candidates),
     }

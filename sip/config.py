@@ -134,6 +134,10 @@ class BaseModelConfig(Section):
     batch_size: int = Field(32, ge=1, description="documents per step")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(40, ge=0)
+    micro_batch_size: int = Field(
+        8, ge=0, description="documents per forward/backward, grouped by length so each pads only to its own "
+        "longest (the step is the same); 0 = the whole batch at once"
+    )
     num_cpus: float = Field(2.0, gt=0)
     torch_threads: int = Field(2, ge=1)
     cache_dir: Path = Field(Path.home() / ".cache" / "sip" / "base", description="where built bases are kept")

@@ -22,13 +22,13 @@ INFO_FILE = "base.json"
 
 
 def base_key(cfg: SipConfig) -> str:
-    """Everything that changes the base, and nothing that does not (threads, CPUs, cache place, how
-    SIP later cuts samples): the config, and the fingerprint of the data files it reads."""
+    """Everything that changes the base, and nothing that does not (threads, CPUs, micro-batches, cache
+    place, how SIP later cuts samples): the config, and the fingerprint of the data files it reads."""
     parts = {
         "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document", "suffix_tokens",
                                                             "min_prefix_tokens"}),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
-        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s"}),
+        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"}),
     }
     fingerprint = data_fingerprint(cfg.data)
     if fingerprint is not None:
@@ -62,7 +62,7 @@ def base_stage_config(cfg: SipConfig) -> SipConfig:
     train = cfg.train.model_copy(update={
         "objective": "nll", "candidates": ["suffix"], "steps": b.steps, "batch_size": b.batch_size, "lr": b.lr,
         "warmup_steps": b.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "num_learners": 1,
-        "micro_batch_size": 0, "dtype": "float32", "activation_checkpointing": False, "num_cpus": b.num_cpus,
+        "micro_batch_size": b.micro_batch_size, "dtype": "float32", "activation_checkpointing": False, "num_cpus": b.num_cpus,
         "num_gpus": 0.0,
     })
     return cfg.model_copy(update={

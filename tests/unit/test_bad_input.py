@@ -133,6 +133,8 @@ def test_base_key_fingerprints_the_data_file(tmp_path):
     assert base_key(cfg.model_copy(update={"data": cut_differently})) == key, "nor on the suffix's length"
     longer_rows = cfg.data.model_copy(update={"max_seq_tokens": 256})
     assert base_key(cfg.model_copy(update={"data": longer_rows})) != key, "the base's rows are max_seq_tokens long"
+    whole_batches = cfg.base.model_copy(update={"micro_batch_size": 0})
+    assert base_key(cfg.model_copy(update={"base": whole_batches})) == key, "micro-batches take the same step"
     path.write_text("\n".join(json.dumps({"text": docs(i)}) for i in range(51)))
     assert base_key(cfg) != key, "a changed data file builds a new base"
     big = tmp_path / "big.jsonl"

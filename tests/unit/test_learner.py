@@ -5,9 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sip.actors.learner import warmup_cosine
+from sip.actors.learner_group import shard_by_length
 from sip.weights import from_wire
 from sip.checkpoint import CheckpointError, step_dir
 from helpers import EXAMPLES, make_cfg, one_rank, step
+from sip.records import TrainExample
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -47,6 +49,17 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch(objective, tokenize
         got = weights(micro)
     assert micro_losses == pytest.approx(losses, rel=1e-5)
     assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected)
+
+
+def test_shards_go_in_order_of_length_and_keep_every_example():
+    lengths = [9, 3, 7, 1, 8, 2, 6]
+    examples = [TrainExample(f"s{i}", [0] * n, [1, 2], "suffix", [1] * (n % 3), "rollout") for i, n in enumerate(lengths)]
+    shares = shard_by_length(examples, 2)
+    padded = [[len(e.prefix_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in share] for share in shares]
+    assert all(p == sorted(p) for p in padded)
+    assert sorted(e.sample_id for share in shares for e in share) == sorted(e.sample_id for e in examples)
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+    assert padded[0][:2] == [3, 5] and padded[1][:2] == [4, 8]  # a micro-batch of the shortest pads to 5, not 11
 
 
 def test_reference_stays_frozen(tokenizer_dir):
