@@ -160,8 +160,35 @@ def greedy_texts(cfg: SipConfig, model_dir: str, prompts: list[EvalPrompt], batc
     return [tokenizer.decode(o) for o in out]
 
 
+def general_text_perplexity(model_dir: str, window: int, passages: int = 40) -> float:
+    """Perplexity on general English that no world or training stream contains: the first `window` tokens
+    of each of the first `passages` topics of Python's own reference documentation (`pydoc_data.topics`,
+    shipped with every CPython). Per token of the model's tokenizer, so compare models that share one
+    (a start model and what was trained from it), on one Python version."""
+    import math
+
+    import torch
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sip.losses import target_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [tokenizer.encode(topics[name], add_special_tokens=False)[:window] for name in sorted(topics)[:passages]]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(rows), 8):
+            batch = rows[i : i + 8]
+            logp, n_tokens = target_logprobs(model, [r[:1] for r in batch], [r[1:] for r in batch], pad_id)
+            total, count = total - logp.sum().item(), count + n_tokens.sum().item()
+    return round(math.exp(total / count), 3)
+
+
 def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -> tuple[dict, list[dict]]:
-    """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge."""
+    """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge,
+    and each folder's perplexity on general text."""
     from transformers import AutoTokenizer
 
     from sip.serve.backends import make_judge_backend
@@ -170,7 +197,11 @@ def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -
     texts = greedy_texts(cfg, model_dir, prompts)
     baseline = greedy_texts(cfg, baseline_dir, prompts) if baseline_dir else None
     judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.judge.llm)
-    return asyncio.run(score(judge, prompts, texts, baseline))
+    summary, rows = asyncio.run(score(judge, prompts, texts, baseline))
+    summary["general_perplexity"] = general_text_perplexity(model_dir, cfg.data.max_seq_tokens)
+    if baseline_dir:
+        summary["baseline_general_perplexity"] = general_text_perplexity(baseline_dir, cfg.data.max_seq_tokens)
+    return summary, rows
 
 
 METRIC_LABELS = {
@@ -183,6 +214,8 @@ METRIC_LABELS = {
     "quality_win_rate": "quality win rate vs baseline",
     "quality_win_rate_unsafe_prefixes": "  on unsafe-inviting prefixes",
     "coherence_win_rate": "coherence win rate vs baseline",
+    "general_perplexity": "perplexity on general text (Python's docs)",
+    "baseline_general_perplexity": "  the baseline's",
 }
 
 

@@ -77,7 +77,34 @@ def test_sip_eval_writes_json_markdown_and_rows(tmp_path):
     rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and all("baseline" in r and "quality_win" in r for r in rows)
     assert "quality win rate vs baseline" in (out / "eval.md").read_text()
+    assert result["general_perplexity"] > 1 and result["baseline_general_perplexity"] > 1
     assert "quality win rate vs baseline" in proc.stdout
+
+
+def test_general_perplexity_falls_when_the_model_learns_that_kind_of_text(tmp_path):
+    import torch
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sip.losses import nll_loss, target_logprobs
+    from sip.train.evaluate import general_text_perplexity
+
+    tiny_model(tmp_path / "m", seed=3)
+    before = general_text_perplexity(str(tmp_path / "m"), window=40)
+    assert 1 < before < 4 * 400, before  # an untrained model: near its vocabulary's size
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    # text like it, never the measured passages (the first 40 topics)
+    rows = [tokenizer.encode(topics[name], add_special_tokens=False)[:40] for name in sorted(topics)[40:]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = nll_loss(*target_logprobs(model, [r[:1] for r in rows], [r[1:] for r in rows], tokenizer.pad_token_id))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "m")
+    after = general_text_perplexity(str(tmp_path / "m"), window=40)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_a_model_against_itself_wins_exactly_half(tmp_path):
@@ -87,6 +114,7 @@ def test_a_model_against_itself_wins_exactly_half(tmp_path):
     tiny_model(tmp_path / "m", seed=3)
     summary, _ = evaluate_folders(load_config(None, TINY), str(tmp_path / "m"), str(tmp_path / "m"))
     assert summary["quality_win_rate"] == 0.5 and summary["coherence_win_rate"] == 0.5
+    assert summary["general_perplexity"] == summary["baseline_general_perplexity"] > 1
 
 
 @pytest.mark.llm
