@@ -113,12 +113,17 @@ class DataConfig(Section):
 class PolicyConfig(Section):
     """A Llama-style causal LM: from scratch (the sizes below) or continued from an HF folder."""
 
-    init: str = Field("scratch", description="'scratch' or a Hugging Face model folder")
+    init: str = Field("scratch", description="'scratch' or a Hugging Face model folder (or hub id)")
     hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 512
     torch_threads: int = Field(1, ge=1)
+
+    @field_validator("init")
+    @classmethod
+    def _expand_home(cls, init: str) -> str:
+        return str(Path(init).expanduser()) if init.startswith("~") else init
 
 
 class BaseModelConfig(Section):

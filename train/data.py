@@ -198,6 +198,20 @@ def train_tokenizer(cfg: DataConfig, out_dir: Path):
     return tokenizer
 
 
+def check_policy_init(policy: PolicyConfig) -> None:
+    """A policy to continue from that transformers can load: a folder with its config.json, or a hub id
+    it can resolve. Read in the driver, so a wrong path is refused before any actor starts."""
+    if policy.init == "scratch":
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(policy.init)
+    except (OSError, ValueError) as err:
+        raise DataError(f"policy.init={policy.init} is not a model transformers can load (a Hugging Face folder "
+                        f"with config.json, or a hub id): {str(err).splitlines()[0]}") from None
+
+
 def load_or_train_tokenizer(data: DataConfig, policy: PolicyConfig, out_dir: Path):
     """The policy's own tokenizer when continuing from an HF folder, else a new one for this corpus."""
     from transformers import AutoTokenizer

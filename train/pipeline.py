@@ -32,7 +32,7 @@ from sip.actors.learner_group import LearnerDied, LearnerGroup
 from sip.actors.rollout_pool import Lost, RolloutPool, RolloutWorkersExhausted
 from sip.checkpoint import CheckpointError, check_resumable, resolve_resume
 from sip.config import SipConfig, dump_config
-from sip.train.data import DataError, check_source
+from sip.train.data import DataError, check_policy_init, check_source
 from sip.train.checkpoints import CheckpointManager, Tally
 from sip.train.judge_audit import JudgeAudit
 from sip.train.ledger import BatchLedger, Entry
@@ -129,6 +129,7 @@ class TrainingRun:
         folder that holds no other run."""
         try:
             check_source(self.cfg.data)
+            check_policy_init(self.cfg.policy)
             self.resume = resolve_resume(self.cfg)
             state = check_resumable(self.resume, self.cfg) if self.resume else None
         except (CheckpointError, DataError) as err:

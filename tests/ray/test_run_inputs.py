@@ -20,6 +20,20 @@ def test_resume_latest_with_no_checkpoint_is_refused(tmp_path):
     assert_refused(done, seconds, "no complete checkpoint")
 
 
+def test_a_policy_folder_that_is_not_a_model_is_refused(tmp_path):
+    done, seconds = sip("train", f"policy.init={tmp_path}", f"--output-dir={tmp_path / 'run'}")
+    assert_refused(done, seconds, f"policy.init={tmp_path} is not a model transformers can load")
+
+
+def test_a_policy_path_under_home_is_expanded():
+    from pathlib import Path
+
+    from sip.config import load_config
+
+    assert load_config(None, ["policy.init=~/models/m"]).policy.init == str(Path.home() / "models" / "m")
+    assert load_config(None, []).policy.init == "scratch"
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_dir, tmp_path_factory):
     """A real checkpoint of a one-rank learner with the tiny test policy (written in this process)."""
