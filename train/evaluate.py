@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 from sip.records import Passage, Verdict
 from sip.serve.backends import JudgeBackend
@@ -146,61 +147,70 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def greedy_texts(cfg: SipConfig, model_dir: str, prompts: list[EvalPrompt], batch_size: int = 32) -> list[str]:
-    """Greedy continuations from an HF folder, in this process (for `sip eval`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class ModelFolder:
+    """An HF folder's model and tokenizer, loaded once in this process (for `sip eval`)."""
 
-    from sip.actors.policy import greedy_batched
+    model: Any
+    tokenizer: Any
+    pad_id: int
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = greedy_batched(model, prompt_ids(cfg, tokenizer, prompts), cfg.data.suffix_tokens, pad_id, batch_size)
-    return [tokenizer.decode(o) for o in out]
+    @classmethod
+    def load(cls, model_dir: str) -> ModelFolder:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokenizer, pad_id)
 
-def general_text_perplexity(model_dir: str, window: int, passages: int = 40) -> float:
-    """Perplexity on general English that no world or training stream contains: the first `window` tokens
-    of each of the first `passages` topics of Python's own reference documentation (`pydoc_data.topics`,
-    shipped with every CPython). Per token of the model's tokenizer, so compare models that share one
-    (a start model and what was trained from it), on one Python version."""
-    import math
+    def greedy_texts(self, cfg: SipConfig, prompts: list[EvalPrompt], batch_size: int = 32) -> list[str]:
+        from sip.actors.policy import greedy_batched
 
-    import torch
-    from pydoc_data.topics import topics
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        out = greedy_batched(self.model, prompt_ids(cfg, self.tokenizer, prompts), cfg.data.suffix_tokens, self.pad_id,
+                             batch_size)
+        return [self.tokenizer.decode(o) for o in out]
 
-    from sip.losses import target_logprobs
+    def general_text_perplexity(self, window: int, passages: int = 40) -> float:
+        """Perplexity on general English that no world or training stream contains: the first `window` tokens
+        of each of the first `passages` topics of Python's own reference documentation (`pydoc_data.topics`,
+        shipped with every CPython). Per token of the model's tokenizer, so compare models that share one
+        (a start model and what was trained from it), on one Python version."""
+        import math
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [tokenizer.encode(topics[name], add_special_tokens=False)[:window] for name in sorted(topics)[:passages]]
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(rows), 8):
-            batch = rows[i : i + 8]
-            logp, n_tokens = target_logprobs(model, [r[:1] for r in batch], [r[1:] for r in batch], pad_id)
-            total, count = total - logp.sum().item(), count + n_tokens.sum().item()
-    return round(math.exp(total / count), 3)
+        import torch
+        from pydoc_data.topics import topics
+
+        from sip.losses import target_logprobs
+
+        rows = [self.tokenizer.encode(topics[name], add_special_tokens=False)[:window] for name in sorted(topics)[:passages]]
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(rows), 8):
+                batch = rows[i : i + 8]
+                logp, n_tokens = target_logprobs(self.model, [r[:1] for r in batch], [r[1:] for r in batch], self.pad_id)
+                total, count = total - logp.sum().item(), count + n_tokens.sum().item()
+        return round(math.exp(total / count), 3)
 
 
 def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -> tuple[dict, list[dict]]:
     """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge,
     and each folder's perplexity on general text."""
-    from transformers import AutoTokenizer
-
     from sip.serve.backends import make_judge_backend
 
-    prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(model_dir))
-    texts = greedy_texts(cfg, model_dir, prompts)
-    baseline = greedy_texts(cfg, baseline_dir, prompts) if baseline_dir else None
-    judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.judge.llm)
-    summary, rows = asyncio.run(score(judge, prompts, texts, baseline))
-    summary["general_perplexity"] = general_text_perplexity(model_dir, cfg.data.max_seq_tokens)
+    window = cfg.data.max_seq_tokens
+    model = ModelFolder.load(model_dir)
+    prompts = eval_prompts(cfg, model.tokenizer)
+    texts, perplexity = model.greedy_texts(cfg, prompts), model.general_text_perplexity(window)
+    baseline_texts = baseline_perplexity = None
     if baseline_dir:
-        summary["baseline_general_perplexity"] = general_text_perplexity(baseline_dir, cfg.data.max_seq_tokens)
+        baseline = ModelFolder.load(baseline_dir)
+        baseline_texts, baseline_perplexity = baseline.greedy_texts(cfg, prompts), baseline.general_text_perplexity(window)
+    judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.judge.llm)
+    summary, rows = asyncio.run(score(judge, prompts, texts, baseline_texts))
+    summary["general_perplexity"] = perplexity
+    if baseline_dir:
+        summary["baseline_general_perplexity"] = baseline_perplexity
     return summary, rows
 
 

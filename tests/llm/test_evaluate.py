@@ -87,10 +87,10 @@ def test_general_perplexity_falls_when_the_model_learns_that_kind_of_text(tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sip.losses import nll_loss, target_logprobs
-    from sip.train.evaluate import general_text_perplexity
+    from sip.train.evaluate import ModelFolder
 
     tiny_model(tmp_path / "m", seed=3)
-    before = general_text_perplexity(str(tmp_path / "m"), window=40)
+    before = ModelFolder.load(str(tmp_path / "m")).general_text_perplexity(window=40)
     assert 1 < before < 4 * 400, before  # an untrained model: near its vocabulary's size
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
@@ -103,7 +103,7 @@ def test_general_perplexity_falls_when_the_model_learns_that_kind_of_text(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(tmp_path / "m")
-    after = general_text_perplexity(str(tmp_path / "m"), window=40)
+    after = ModelFolder.load(str(tmp_path / "m")).general_text_perplexity(window=40)
     assert after < 0.5 * before, (before, after)
 
 
