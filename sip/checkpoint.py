@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from sip.config import SipConfig
+from sip.config import BASE_BUILD_SETTINGS, SipConfig
 
 STATE_FILE = "trainer_state.json"
 MARKER = "COMPLETE"
@@ -174,7 +174,7 @@ def fingerprint(cfg: SipConfig) -> dict:
     return {
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
         "data": cfg.data.model_dump(mode="json"),
-        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"}),
+        "base": cfg.base.model_dump(mode="json", exclude=set(BASE_BUILD_SETTINGS)),
         "objective": cfg.train.objective,
         "candidates": list(cfg.train.candidates),
     }

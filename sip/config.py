@@ -149,6 +149,10 @@ class BaseModelConfig(Section):
     timeout_s: float = Field(1800.0, gt=0, description="limit on building the base")
 
 
+# How and where a base is built, never what it is: left out of its cache key and of a checkpoint's fingerprint.
+BASE_BUILD_SETTINGS = frozenset({"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"})
+
+
 class VLLMRolloutConfig(Section):
     """The vLLM engine inside each generator actor (rollout.backend=vllm)."""
 

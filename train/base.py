@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sip.config import SipConfig
+from sip.config import BASE_BUILD_SETTINGS, SipConfig
 from sip.records import TrainExample
 from sip.resources import ClusterError
 from sip.train.data import Sampler, data_fingerprint, load_or_train_tokenizer
@@ -28,7 +28,7 @@ def base_key(cfg: SipConfig) -> str:
         "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document", "suffix_tokens",
                                                             "min_prefix_tokens"}),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
-        "base": cfg.base.model_dump(mode="json", exclude={"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"}),
+        "base": cfg.base.model_dump(mode="json", exclude=set(BASE_BUILD_SETTINGS)),
     }
     fingerprint = data_fingerprint(cfg.data)
     if fingerprint is not None:
