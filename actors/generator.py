@@ -199,10 +199,10 @@ class RolloutWorker:
                 result.judge_failures += v.failures
                 result.judge_failure_example = v.failure_example or result.judge_failure_example
             stages["judge"] = time.perf_counter() - judge_start
-            if batch.reference is not None:
-                reference_start = time.perf_counter()
-                await self._reference_logprobs(batch.reference, result.judged)
-                stages["reference"] = time.perf_counter() - reference_start
+        if batch.reference is not None:
+            reference_start = time.perf_counter()
+            await self._reference_logprobs(batch.reference, result.judged)
+            stages["reference"] = time.perf_counter() - reference_start
         result.request_retries = dict(retries)
         stages["episode"] = time.perf_counter() - start
         result.stage_seconds = stages

@@ -103,8 +103,8 @@ def trial_set(teacher: WorldTeacher, passages, k: int, seed: int):
     return sets
 
 
-def run_cell(sets, true, protocol: str, noise: float, seed: int) -> dict:
-    cfg = load_config(None, ["judge.weights={quality: 1}", f"judge.pairwise={protocol}"]).judge
+def run_cell(sets, true, protocol: str, noise: float, seed: int, overrides: list[str] = (), objective: str = "dpo") -> dict:
+    cfg = load_config(None, ["judge.weights={quality: 1}", f"judge.pairwise={protocol}", *overrides]).judge
     judge = NoisyJudge(true, noise, seed)
     tasks = [JudgeTask(p, texts, pivot=0) for p, texts in sets]
     results = asyncio.run(score_tasks(judge, tasks, cfg))

@@ -2,7 +2,9 @@
 
 Quality is pairwise, by one of three protocols (`judge.pairwise`):
 - round_robin: every pair of candidates; a candidate's quality is its win rate (win 1, tie ½);
-- pivot: every candidate against one pivot (the suffix or the rewrite); the same win rate;
+- pivot: every candidate against one pivot (the suffix or the rewrite); the same win rate. A sample
+  whose pivot is missing (its rewrite came back empty) has no quality score: the protocol is never
+  swapped for another behind the user's back;
 - tournament: Swiss rounds, then a playoff among the leaders and one among the last, to find the
   best and the worst with a fraction of the comparisons (at 18 texts at most 51, round robin 153);
   a candidate's quality is its place in the final standing, as the share of the other candidates it
@@ -154,7 +156,9 @@ async def _quality(backend: JudgeBackend, samples: list[_Sample], cfg: JudgeConf
     results: list[list[float | None] | None] = [None] * len(samples)
     plays, asked = {}, {}
     for s, sample in enumerate(samples):
-        if len(sample.texts) == 1:  # copies of one text tie; a lone candidate has nothing to be compared with
+        if cfg.pairwise == "pivot" and sample.pivot is None:
+            results[s] = [None] * len(sample.texts)
+        elif len(sample.texts) == 1:  # copies of one text tie; a lone candidate has nothing to be compared with
             results[s] = [None if len(sample.of_candidate) == 1 else 0.5]
         else:
             plays[s] = _protocol(sample, cfg)

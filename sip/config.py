@@ -407,6 +407,15 @@ class SipConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _pivot_is_a_candidate(self) -> SipConfig:
+        j = self.judge
+        if self.needs_judge and j.pairwise == "pivot" and j.weights.get("quality", 0) > 0 and j.pivot not in self.train.candidates:
+            raise ValueError(f"judge.pairwise=pivot compares every candidate with the {j.pivot}, which train.candidates "
+                             f"{self.train.candidates} leaves out: add it, set judge.pivot to one of them, or choose "
+                             "another judge.pairwise")
+        return self
+
+    @model_validator(mode="after")
     def _audit_has_a_reference(self) -> SipConfig:
         if self.judge.audit_every and self.data.source != "world":
             raise ValueError("judge.audit_every needs the world teacher as reference, which knows only data.source=world")

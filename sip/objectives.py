@@ -159,5 +159,27 @@ class DPO(Objective):
                 "reward_margin": margin_sum / n, "preference_accuracy": preferred / n}
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DPO(), RewardFilteredNLL(), NLL())}
-ObjectiveName = Literal["dpo", "rf_nll", "nll"]
+class RewriteOverRollout(DPO):
+    """No judge: online DPO with the rewrite chosen over one of the policy's own rollouts, at random when
+    there are several (the paper's SPIN-like row of Table 6)."""
+
+    name = "dpo_rewrite_vs_rollout"
+    needs_judge = False
+
+    def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
+        if sorted(candidates) != ["rewrite", "rollout"]:
+            return "objective=dpo_rewrite_vs_rollout prefers the rewrite to a rollout: set train.candidates to [rewrite, rollout]"
+        return None
+
+    def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
+        sources = {c.source for c in judged.candidates}
+        return None if {"rewrite", "rollout"} <= sources else "no_candidate"  # an empty rewrite is left out
+
+    def pair(self, judged: JudgedSample, seed: int) -> tuple[int, int | None]:
+        rollouts = [i for i, c in enumerate(judged.candidates) if c.source == "rollout"]
+        chosen = next(i for i, c in enumerate(judged.candidates) if c.source == "rewrite")
+        return chosen, random.Random(f"{seed}:{judged.sample.id}").choice(rollouts)
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DPO(), RewardFilteredNLL(), NLL(), RewriteOverRollout())}
+ObjectiveName = Literal["dpo", "rf_nll", "nll", "dpo_rewrite_vs_rollout"]

@@ -55,6 +55,17 @@ def test_sync_mode_trains_strictly_on_policy(tmp_path):
     assert all(r["skipped_ties"] == 0 and r["trained"] == 4 for r in metrics)
 
 
+def test_rewrite_over_rollout_trains_without_a_judge(tmp_path):
+    out = tmp_path / "spin"
+    summary = run_training(load_config(None, TINY + [
+        "train.steps=2", "train.objective=dpo_rewrite_vs_rollout", "train.candidates=[rewrite, rollout]", "rollout.k=2",
+        "run.eval_at_end=false", f"run.output_dir={out}"]))
+    for r in rows(out):
+        assert r["judge_calls"] == 0 and r["chosen_rate"]["rewrite"] == 1.0 and "reward_margin" in r
+    counts = summary["samples"]
+    assert counts["trained"] + counts["skipped"].get("no_candidate", 0) == counts["fed"] == 8
+
+
 def test_nll_baseline_and_resume_continue_the_stream(tmp_path):
     out = tmp_path / "nll"
     base = TINY + ["train.objective=nll", "train.candidates=[suffix]", "run.eval_at_end=false", f"run.output_dir={out}"]

@@ -44,6 +44,17 @@ def test_cross_field_rules():
     load_config(None, ["rollout.backend=vllm", "rollout.weight_sync=nccl", "rollout.num_gpus=1", "train.num_gpus=1"])
 
 
+def test_a_pivot_that_is_not_a_candidate_is_refused_not_swapped_for_round_robin():
+    with pytest.raises(ConfigError, match=r"judge.pairwise=pivot compares every candidate with the rewrite, which "
+                                          r"train.candidates \['suffix', 'rollout'\] leaves out"):
+        load_config(None, ["judge.pairwise=pivot", "judge.pivot=rewrite", "train.candidates=[suffix, rollout]"])
+    with pytest.raises(ConfigError, match="with the suffix"):
+        load_config(None, ["judge.pairwise=pivot", "train.candidates=[rewrite, rollout]"])
+    load_config(None, ["judge.pairwise=pivot", "judge.pivot=rewrite", "train.candidates=[rewrite, rollout]"])
+    # no quality judged: the pivot is never asked for
+    load_config(None, ["judge.pairwise=pivot", "train.candidates=[rewrite, rollout]", "judge.weights={safety: 1}"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(None, ["train.steps"])

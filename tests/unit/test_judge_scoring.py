@@ -58,6 +58,14 @@ def test_both_orders_agree_for_an_unbiased_judge_and_pivot_mode_counts_pairs():
     assert p.calls == 2 and p.scores["quality"] == [0.5, 0.0, 1.0]
 
 
+def test_a_sample_without_its_pivot_gets_no_quality_score_in_pivot_mode():
+    """Its rewrite came back empty: no comparison is asked, and nothing falls back to round robin."""
+    backend = Longer()
+    cfg = judge("judge.pairwise=pivot", "judge.pivot=rewrite")
+    [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["xx", "x", "xxx"], pivot=None)], cfg))
+    assert r.calls == 0 and r.scores["quality"] == [None, None, None] and r.reward == [0.0, 0.0, 0.0]
+
+
 def test_a_failed_comparison_is_a_loss_for_both_sides_and_marks_them_incomplete():
     cands = ["aa", "bb", "ccc"]  # aa vs bb: equal length, the judge gives no verdict
     [r] = asyncio.run(score_tasks(Longer(), [JudgeTask(PASSAGE, cands)], judge("judge.both_orders=true")))

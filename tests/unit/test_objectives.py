@@ -104,3 +104,30 @@ def test_micro_batch_losses_add_up_to_the_whole_batch():
         assert summed == pytest.approx(whole_sums, rel=1e-5)
         metrics = objective.metrics(summed, totals, 0.5)
         assert metrics["loss"] == pytest.approx(whole.item(), rel=1e-5)  # the logged loss is the trained one
+
+
+def test_rewrite_over_rollout_needs_no_judge_and_prefers_the_rewrite_to_a_random_rollout():
+    spin = OBJECTIVES["dpo_rewrite_vs_rollout"]
+    assert not spin.needs_judge and spin.needs_reference
+    sample = judged([0.0, 0.0, 0.0], sources=("rewrite", "rollout", "rollout"))
+    rejected = set()
+    for seed in range(30):
+        ex = spin.select(sample, seed)
+        assert ex.chosen_source == "rewrite" and ex.chosen_ids == [10] and ex.rejected_source == "rollout"
+        rejected.add(ex.rejected_ids[0])
+        assert spin.select(sample, seed).rejected_ids == ex.rejected_ids  # repeatable
+    assert rejected == {11, 12}
+
+
+def test_rewrite_over_rollout_skips_a_sample_whose_rewrite_came_back_empty():
+    spin = OBJECTIVES["dpo_rewrite_vs_rollout"]
+    sample = judged([1.0, 1.0], sources=("rollout", "rollout"))
+    assert spin.skip_reason(sample) == "no_candidate" and spin.select(sample, 0) is None
+
+
+def test_rewrite_over_rollout_takes_exactly_the_rewrite_and_rollouts():
+    from sip.config import ConfigError, load_config
+
+    load_config(None, ["train.objective=dpo_rewrite_vs_rollout", "train.candidates=[rewrite, rollout]", "rollout.k=1"])
+    with pytest.raises(ConfigError, match=r"set train.candidates to \[rewrite, rollout\]"):
+        load_config(None, ["train.objective=dpo_rewrite_vs_rollout"])
