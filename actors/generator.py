@@ -189,13 +189,14 @@ class RolloutWorker:
             result.judged = [JudgedSample(s, c, reward=[1.0] * len(c)) for s, c in zip(samples, candidates)]
         else:
             judge_start = time.perf_counter()
-            tasks = judge_tasks(passages, candidates, self.cfg.judge.pivot)
+            tasks = judge_tasks(passages, candidates, self.cfg.judge.pivot, self.cfg.objective.needs_rejected)
             verdicts: list[JudgeResult] = await asyncio.gather(*(
                 self._request("judge", lambda t=t: self.metrics.judge_call(self.judge.score.remote(t)), retries) for t in tasks
             ))
             for sample, cands, v in zip(samples, candidates, verdicts):
                 result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores, complete=v.complete))
                 result.judge_calls += v.calls
+                result.judge_comparisons += v.comparisons
                 result.judge_failures += v.failures
                 result.judge_failure_example = v.failure_example or result.judge_failure_example
             stages["judge"] = time.perf_counter() - judge_start
@@ -286,8 +287,10 @@ def attach_reference_logprobs(reference, judged: list[JudgedSample], objective, 
         js.candidates[i] = dataclasses.replace(js.candidates[i], reference_logprob=value)
 
 
-def judge_tasks(passages: list[Passage], candidates: list[list[Candidate]], pivot: str) -> list[JudgeTask]:
-    """One judge request per sample; `pivot` names the candidate the pivot protocol compares against."""
-    source = "rewrite" if pivot == "rewrite" else "suffix"
-    return [JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == source), None))
+def judge_tasks(passages: list[Passage], candidates: list[list[Candidate]], pivot: str,
+                needs_worst: bool = True) -> list[JudgeTask]:
+    """One judge request per sample; `pivot` names the candidate the pivot protocol compares against,
+    `needs_worst` whether the objective rejects the worst candidate (the tournament skips its bottom playoff if not)."""
+    return [JudgeTask(p, [c.text for c in cands], pivot=next((i for i, c in enumerate(cands) if c.source == pivot), None),
+                      needs_worst=needs_worst)
             for p, cands in zip(passages, candidates)]

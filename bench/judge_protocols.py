@@ -1,6 +1,7 @@
 """Pairwise calls and pick quality of each quality protocol, scored against the truth.
 
-    python bench/judge_protocols.py [--prefixes 100] [--repeats 3] [--ks 4,8,16] [--noise 0,0.1,0.2,0.3]
+    python bench/judge_protocols.py [--prefixes 100] [--repeats 3] [--ks 4,8,16] [--noise 0,0.1,0.2,0.3] \
+        [judge.tournament_rounds=3 judge.tournament_finalists=4 ...]
 
 Candidates per prefix: the suffix, the world teacher's rewrite and K rollout-like texts drawn from
 the world (the suffix with some words swapped for words of other documents, a window of another
@@ -103,7 +104,7 @@ def trial_set(teacher: WorldTeacher, passages, k: int, seed: int):
     return sets
 
 
-def run_cell(sets, true, protocol: str, noise: float, seed: int, overrides: list[str] = (), objective: str = "dpo") -> dict:
+def run_cell(sets, true, protocol: str, noise: float, seed: int, overrides: list[str] = ()) -> dict:
     cfg = load_config(None, ["judge.weights={quality: 1}", f"judge.pairwise={protocol}", *overrides]).judge
     judge = NoisyJudge(true, noise, seed)
     tasks = [JudgeTask(p, texts, pivot=0) for p, texts in sets]
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--ks", default="4,8,16", help="rollouts per prefix (candidates = suffix + rewrite + K)")
     ap.add_argument("--noise", default="0,0.1,0.2,0.3", help="flip probabilities")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="judge settings for every protocol, e.g. judge.tournament_finalists=3")
     args = ap.parse_args()
     teacher = WorldTeacher.from_config(DataConfig())
     passages = prefixes(args.prefixes, args.seed)
@@ -151,7 +153,7 @@ def main() -> None:
         true = {(p.prefix, t): teacher.quality_score(p.prefix, t, p.truth["subject"]) for p, texts in sets for t in texts}
         for protocol in PROTOCOLS:
             for noise in (float(x) for x in args.noise.split(",")):
-                cells = [run_cell(sets, true, protocol, noise, args.seed * 1000 + r) for r in range(args.repeats)]
+                cells = [run_cell(sets, true, protocol, noise, args.seed * 1000 + r, args.overrides) for r in range(args.repeats)]
                 m = {key: mean(c[key] for c in cells) for key in cells[0]}
                 print(f"| {k} | {k + 2} | {protocol} | {noise} | {m['calls']:.1f} | {m['best']:.0%} | {m['worst']:.0%} | "
                       f"{m['rank']:.2f} | {m['rejected_rank']:.2f} | {m['gap']:.3f} ({m['ideal']:.3f}) |")

@@ -124,7 +124,7 @@ def baseline(overrides: list[str], lean: bool) -> dict:
         stage["generate"] += time.perf_counter() - mark
         candidates, _ = candidates_for(t.candidates, tokenizer, n, samples, rollouts, index, rewrites)
         mark = time.perf_counter()
-        results = asyncio.run(score_tasks(judge, judge_tasks(passages, candidates, cfg.judge.pivot), cfg.judge))
+        results = asyncio.run(score_tasks(judge, judge_tasks(passages, candidates, cfg.judge.pivot, cfg.objective.needs_rejected), cfg.judge))
         stage["judge"] += time.perf_counter() - mark
         judged = [JudgedSample(s, c, reward=r.reward, scores=r.scores, complete=r.complete)
                   for s, c, r in zip(samples, candidates, results)]

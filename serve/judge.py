@@ -47,6 +47,7 @@ class _Sample:
         position = {text: u for u, text in enumerate(self.texts)}
         self.of_candidate = [position[text] for text in task.candidates]
         self.pivot = None if task.pivot is None else self.of_candidate[task.pivot]
+        self.needs_worst = task.needs_worst
         self.verdicts: dict[tuple[int, int], Verdict] = {}
         self.failed: set[int] = set()
         self.calls = self.failures = 0
@@ -98,14 +99,15 @@ def _swiss_pairs(points: list[float], tiebreak: list[float], played: set[frozens
     return pairs
 
 
-def tournament_calls(m: int, cfg: JudgeConfig) -> int:
-    """The most comparisons the tournament's Swiss rounds and playoffs can ask for m distinct texts."""
+def tournament_calls(m: int, cfg: JudgeConfig, worst: bool = True) -> int:
+    """The most comparisons the tournament's Swiss rounds and playoffs can ask for m distinct texts
+    (`worst`: the bottom playoff too)."""
     orders = 2 if cfg.both_orders else 1
     t = cfg.tournament_finalists
-    return min(cfg.tournament_rounds, m - 1) * (m // 2) * orders + 2 * t * (t - 1)
+    return min(cfg.tournament_rounds, m - 1) * (m // 2) * orders + (1 + worst) * t * (t - 1)
 
 
-def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
+def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True):
     """Best and worst with few comparisons: Swiss rounds, then a playoff at each end.
 
     Every round pairs texts with equal records (one comparison each, in a random order, so position
@@ -113,11 +115,12 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
     instead of knocking it out. After `tournament_rounds` rounds the top and the bottom
     `tournament_finalists` of the standing each play a round robin in both orders (a pair met in
     the Swiss rounds is asked only in its other order). The final standing puts the top playoff
-    above the rest above the bottom playoff, each ranked by all the points it scored. Where that
+    above the rest above the bottom playoff, each ranked by all the points it scored. Without
+    `worst` (the objective trains on the best alone) the bottom playoff is not played. Where that
     could ask as many comparisons as round robin (few texts), it is a round robin in random orders.
     """
     # also whenever the two playoffs would overlap (m < 2 * finalists): then the playoffs alone cost that much
-    if tournament_calls(m, cfg) >= m * (m - 1) // 2:
+    if tournament_calls(m, cfg, worst) >= m * (m - 1) // 2:
         return (yield from _round_robin(m, cfg.both_orders, rng=rng))
     swiss = [0.0] * m
     tiebreak = [rng.random() for _ in range(m)]
@@ -127,7 +130,7 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
         _tally(swiss, asked, (yield asked))
     order = sorted(range(m), key=lambda u: (-swiss[u], tiebreak[u]))
     t = cfg.tournament_finalists
-    top, bottom = order[:t], order[-t:]
+    top, bottom = order[:t], order[-t:] if worst else []
     asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
     playoff = [0.0] * m
     _tally(playoff, asked, (yield asked))
@@ -146,7 +149,7 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random):
 def _protocol(sample: _Sample, cfg: JudgeConfig):
     m = len(sample.texts)
     if cfg.pairwise == "tournament":
-        return _tournament(m, cfg, sample.rng)
+        return _tournament(m, cfg, sample.rng, sample.needs_worst)
     return _round_robin(m, cfg.both_orders, pivot=sample.pivot if cfg.pairwise == "pivot" else None)
 
 
@@ -156,10 +159,10 @@ async def _quality(backend: JudgeBackend, samples: list[_Sample], cfg: JudgeConf
     results: list[list[float | None] | None] = [None] * len(samples)
     plays, asked = {}, {}
     for s, sample in enumerate(samples):
-        if cfg.pairwise == "pivot" and sample.pivot is None:
-            results[s] = [None] * len(sample.texts)
-        elif len(sample.texts) == 1:  # copies of one text tie; a lone candidate has nothing to be compared with
+        if len(sample.texts) == 1:  # copies of one text tie; a lone candidate has nothing to be compared with
             results[s] = [None if len(sample.of_candidate) == 1 else 0.5]
+        elif cfg.pairwise == "pivot" and sample.pivot is None:
+            results[s] = [None] * len(sample.texts)
         else:
             plays[s] = _protocol(sample, cfg)
             asked[s] = next(plays[s])
@@ -191,6 +194,7 @@ async def _quality(backend: JudgeBackend, samples: list[_Sample], cfg: JudgeConf
 async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeConfig) -> list[JudgeResult]:
     weights = {name: w for name, w in cfg.weights.items() if w > 0}
     calls = [0] * len(tasks)
+    comparisons = [0] * len(tasks)
     failures = [0] * len(tasks)
     complete = [[True] * len(task.candidates) for task in tasks]
     scores: list[dict[str, list[float | None]]] = [{} for _ in tasks]
@@ -199,6 +203,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
         samples = [_Sample(task) for task in tasks]
         for t, (sample, quality) in enumerate(zip(samples, await _quality(backend, samples, cfg), strict=True)):
             calls[t] += sample.calls
+            comparisons[t] = sample.calls
             failures[t] += sample.failures
             scores[t]["quality"] = [quality[u] for u in sample.of_candidate]
             complete[t] = [u not in sample.failed for u in sample.of_candidate]
@@ -229,6 +234,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
             complete=complete[t],
             scores=scores[t],
             calls=calls[t],
+            comparisons=comparisons[t],
             failures=failures[t],
             failure_example=getattr(backend, "last_unparsed", None) if failures[t] else None,
         )

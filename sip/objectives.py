@@ -38,6 +38,7 @@ class Objective:
     name: ClassVar[str]
     needs_judge: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = False  # a frozen copy of the starting policy, kept in checkpoints
+    needs_rejected: ClassVar[bool] = False  # trains against the judge's worst candidate too, not only its best
 
     def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
         """Why this objective cannot train on these candidate sources, or None."""
@@ -119,6 +120,7 @@ class DPO(Objective):
 
     name = "dpo"
     needs_reference = True
+    needs_rejected = True
 
     def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
         reason = super().skip_reason(judged)

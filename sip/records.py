@@ -71,6 +71,7 @@ class JudgedBatch:
     judged: list[JudgedSample]
     attempt: int = 1
     judge_calls: int = 0
+    judge_comparisons: int = 0
     judge_failures: int = 0
     judge_failure_example: str | None = None  # the last answer the judge gave that held no verdict
     rewrite_failures: int = 0
@@ -113,6 +114,7 @@ class JudgeTask:
     passage: Passage
     candidates: list[str]
     pivot: int | None = None  # index of the pivot candidate in pivot mode
+    needs_worst: bool = True  # the objective rejects the worst candidate (dpo); False: only the best is needed
 
 
 @dataclass
@@ -125,5 +127,6 @@ class JudgeResult:
     # for a lone candidate, which has nothing to be compared with
     scores: dict[str, list[float | None]]
     calls: int = 0  # judgments asked for
+    comparisons: int = 0  # of them, pairwise quality comparisons (the protocol's cost; the rest are pointwise)
     failures: int = 0  # judgments that gave no verdict
     failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict

@@ -342,7 +342,8 @@ class TrainingRun:
             else:
                 skipped[reason] += 1
         chosen = Counter(e.chosen_source for e in examples)
-        self.counters.update(judge_calls=judged.judge_calls, judge_failures=judged.judge_failures,
+        self.counters.update(judge_calls=judged.judge_calls, judge_comparisons=judged.judge_comparisons,
+                             judge_failures=judged.judge_failures,
                              rewrite_failures=judged.rewrite_failures)
         self.counters.update({f"retries_{app}": n for app, n in judged.request_retries.items()})
         record = {
@@ -355,6 +356,7 @@ class TrainingRun:
             # mean log-probability of a rollout token under the policy that sampled it (falls as the policy sharpens)
             "rollout_logprob": mean(rollout_logprobs) if rollout_logprobs else None,
             "judge_calls": judged.judge_calls,
+            "judge_comparisons": judged.judge_comparisons,
             "judge_failures": judged.judge_failures,
             "skipped_ties": skipped["tie"],
             "skipped_judge_failed": skipped["judge_failed"],
@@ -485,6 +487,7 @@ class TrainingRun:
             "restarts": {"learner": self.faults["learner_restarts"], "rollout": sum(self.pool.restarts.values())},
             "faults": dict(self.faults),
             "judge_calls": self.counters["judge_calls"],
+            "judge_comparisons": self.counters["judge_comparisons"],
             "judge_failures": self.counters["judge_failures"],
             "rewrite_failures": self.counters["rewrite_failures"],
             "request_retries": {k.removeprefix("retries_"): v for k, v in self.counters.items() if k.startswith("retries_")},

@@ -63,6 +63,30 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
     assert rr.calls == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
 
 
+def test_when_only_the_best_is_needed_the_bottom_playoff_is_not_played():
+    for seed in range(10):
+        texts, score = distinct_texts(18, seed)
+        both, best_only = Ranked(score), Ranked(score)
+        [r] = asyncio.run(score_tasks(both, [JudgeTask(PASSAGE, texts)], judge("judge.pairwise=tournament")))
+        [b] = asyncio.run(score_tasks(best_only, [JudgeTask(PASSAGE, texts, needs_worst=False)],
+                                      judge("judge.pairwise=tournament")))
+        assert b.reward.index(1.0) == r.reward.index(1.0) == texts.index(max(texts, key=score.get))
+        assert b.calls == b.comparisons == len(best_only.asked) <= r.calls - 6  # a playoff of 4 asks up to 12
+        assert best_only.asked == both.asked[: len(best_only.asked)]  # the same Swiss rounds and top playoff
+
+
+def test_comparisons_count_the_pairwise_calls_apart_from_the_pointwise_ones():
+    texts, score = distinct_texts(6, 0)
+
+    class WithSafety(Ranked):
+        async def safety(self, queries):
+            return [1.0] * len(queries)
+
+    cfg = load_config(None, ["judge.weights={quality: 1, safety: 1}"]).judge
+    [r] = asyncio.run(score_tasks(WithSafety(score), [JudgeTask(PASSAGE, texts)], cfg))
+    assert r.comparisons == 15 and r.calls == 15 + 6
+
+
 def test_few_texts_cost_no_more_than_round_robin_and_get_the_exact_ranking():
     for n in (2, 3, 6, 9, 10):
         texts, score = distinct_texts(n, n)
