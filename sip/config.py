@@ -480,14 +480,31 @@ T = TypeVar("T", bound=BaseModel)
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = SipConfig) -> T:
     """Read a YAML file (optional), apply `a.b=value` overrides (values parsed as YAML), validate as `schema`."""
-    tree: dict = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return config_from_tree(read_yaml(path) if path is not None else {}, overrides, schema)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping, or a ConfigError naming it."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
+def merged(base: dict, update: dict) -> dict:
+    """`base` with `update` laid over it: sections merge, values (lists included) are replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_from_tree(tree: dict, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = SipConfig) -> T:
+    """Sections as a config file holds them, then `a.b=value` overrides, validated as `schema`."""
+    tree = merged({}, tree)  # overrides must not write into the caller's dicts
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

@@ -165,12 +165,12 @@ class RewriteOverRollout(DPO):
     """No judge: online DPO with the rewrite chosen over one of the policy's own rollouts, at random when
     there are several (the paper's SPIN-like row of Table 6)."""
 
-    name = "dpo_rewrite_vs_rollout"
+    name = "dpo_rewrite_chosen"
     needs_judge = False
 
     def config_problem(self, candidates: list[str], rollout_k: int) -> str | None:
         if sorted(candidates) != ["rewrite", "rollout"]:
-            return "objective=dpo_rewrite_vs_rollout prefers the rewrite to a rollout: set train.candidates to [rewrite, rollout]"
+            return "objective=dpo_rewrite_chosen prefers the rewrite to a rollout: set train.candidates to [rewrite, rollout]"
         return None
 
     def skip_reason(self, judged: JudgedSample) -> SkipReason | None:
@@ -184,4 +184,4 @@ class RewriteOverRollout(DPO):
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DPO(), RewardFilteredNLL(), NLL(), RewriteOverRollout())}
-ObjectiveName = Literal["dpo", "rf_nll", "nll", "dpo_rewrite_vs_rollout"]
+ObjectiveName = Literal["dpo", "rf_nll", "nll", "dpo_rewrite_chosen"]

@@ -65,52 +65,72 @@ def train(
 def eval_model(
     model: Annotated[Path, typer.Option("--model", "-m", help="Hugging Face folder to evaluate")],
     baseline: Annotated[Optional[Path], typer.Option("--baseline", "-b", help="folder to compute win rates against")] = None,
+    start: Annotated[Optional[str], typer.Option(
+        "--start", help="the model it was trained from, for win rates against it as the paper reports them (vs its base "
+        "model); default: the start its run recorded, when --model is a run's checkpoint; 'none' to leave them out")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="default: the model folder")] = None,
 ) -> None:
     """Greedy continuations of held-out prefixes, judged for factuality, safety and win rates."""
     cfg = resolve_config(config, overrides or [], None)
-    for folder in filter(None, (model, baseline)):
+    from sip.train.evaluate import evaluate_folders, markdown_report, reported, run_start, write_rows
+
+    start_dir = None if start == "none" else start or run_start(model)
+    for folder in filter(None, (model, baseline, start_dir and Path(start_dir))):
         if not (folder / "config.json").exists():
             raise fail(f"{folder} is not a Hugging Face model folder (no config.json)", 2)
     from rich.table import Table
 
-    from sip.train.evaluate import METRIC_LABELS, evaluate_folders, markdown_report, write_rows
-
-    summary, rows = evaluate_folders(cfg, str(model), str(baseline) if baseline else None)
+    baseline_dir = str(baseline) if baseline else None
+    summary, rows = evaluate_folders(cfg, str(model), baseline_dir, start_dir)
     out = output_dir or model
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": str(model), "baseline": baseline and str(baseline), **summary}, indent=2))
-    (out / "eval.md").write_text(markdown_report(summary, str(model), baseline and str(baseline)))
+    (out / "eval.json").write_text(json.dumps({"model": str(model), "baseline": baseline_dir, "start": start_dir, **summary},
+                                              indent=2))
+    (out / "eval.md").write_text(markdown_report(summary, str(model), baseline_dir, start_dir))
     write_rows(out / "eval_samples.jsonl", rows)
     table = Table("metric", "value", title=Text(f"sip eval: {model}"))
-    for key, label in METRIC_LABELS.items():
-        if summary.get(key) is not None:
-            table.add_row(label, f"{summary[key]:.3f}")
+    for label, value in reported(summary):
+        table.add_row(label, f"{value:.3f}")
     Console().print(table)
     console.print(where("wrote eval.json, eval.md and eval_samples.jsonl to ", out))
 
 
 @app.command()
 def experiment(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value, applied to every variant")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.field=value, applied to every row")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", "-r", help="one of the paper's experiments: a name in configs/paper (see --list) or a recipe file")] = None,
+    list_recipes: Annotated[bool, typer.Option("--list", help="list the recipes in configs/paper and exit")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (without --recipe)")] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated run seeds")] = "0,1,2",
-    rollouts: Annotated[str, typer.Option(help="comma-separated K values for the online-DPO variants")] = "1,2,4,8",
+    rollouts: Annotated[str, typer.Option(help="without --recipe: comma-separated K values for the online-DPO rows")] = "1,2,4,8",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("runs/experiment"),
 ) -> None:
-    """The paper's comparisons in miniature: NLL, NLL on rewrites, RF-NLL, DPO with K rollouts, over seeds."""
-    resolve_config(config, overrides or [], None)
+    """One of the paper's experiments in miniature (--recipe), or the built-in grid: NLL, NLL on rewrites,
+    RF-NLL, DPO with K rollouts; every row over the same seeds, evaluated against the start model."""
+    from sip.config import read_yaml
+    from sip.train.experiment import check_recipe, default_recipe, load_recipe, recipe_names, run_experiment
+
+    if list_recipes:
+        for name in recipe_names():
+            print(f"{name}: {load_recipe(name).mirrors}")
+        return
+    if recipe and config:
+        raise fail("--recipe holds its own config: give --recipe or --config, and overrides for either", 2)
     try:
         seed_list = [int(s) for s in seeds.split(",")]
         ks = tuple(int(k) for k in rollouts.split(","))
     except ValueError:
         raise fail("--seeds and --rollouts take comma-separated integers", 2) from None
-    from sip.train.experiment import run_experiment
-
+    try:
+        chosen = load_recipe(recipe) if recipe else default_recipe(read_yaml(config) if config else {}, ks)
+        check_recipe(chosen, overrides or [])
+    except ConfigError as err:
+        raise fail(str(err), 2) from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_experiment(config, overrides or [], seed_list, output_dir, ks)
+    run_experiment(chosen, overrides or [], seed_list, output_dir)
     console.print((output_dir / "results.md").read_text())
     console.print(where("results, per-run outputs and plots in ", output_dir))
 

@@ -96,16 +96,27 @@ async def score(judge: JudgeBackend, prompts: list[EvalPrompt], texts: list[str]
         "safety_on_safe_prefixes": _avg(r["safety"] for r in facts),
     }
     if baseline_texts is not None:
-        pairs = [(p.passage, t, b) for p, t, b in zip(prompts, texts, baseline_texts)]
-        swapped = [(p, b, t) for p, t, b in pairs]
-        quality = both_orders(*await asyncio.gather(judge.compare(pairs), judge.compare(swapped)))
-        coherence = both_orders(*await asyncio.gather(judge.coherence(pairs), judge.coherence(swapped)))
-        for row, b, q, c in zip(rows, baseline_texts, quality, coherence):
+        wins, per_prompt = await win_rates(judge, prompts, texts, baseline_texts)
+        summary.update(wins)
+        for row, b, (q, c) in zip(rows, baseline_texts, per_prompt):
             row.update(baseline=b, quality_win=q, coherence_win=c)
-        summary["quality_win_rate"] = _avg(quality)
-        summary["quality_win_rate_unsafe_prefixes"] = _avg(q for r, q in zip(rows, quality) if r["kind"] == "unsafe")
-        summary["coherence_win_rate"] = _avg(coherence)
     return summary, rows
+
+
+async def win_rates(judge: JudgeBackend, prompts: list[EvalPrompt], texts: list[str],
+                    other_texts: list[str]) -> tuple[dict, list[tuple[Verdict, Verdict]]]:
+    """Quality and coherence win rates of `texts` over `other_texts` (both orders, ties ½), and each
+    prompt's (quality, coherence) win."""
+    pairs = [(p.passage, t, b) for p, t, b in zip(prompts, texts, other_texts)]
+    swapped = [(p, b, t) for p, t, b in pairs]
+    quality = both_orders(*await asyncio.gather(judge.compare(pairs), judge.compare(swapped)))
+    coherence = both_orders(*await asyncio.gather(judge.coherence(pairs), judge.coherence(swapped)))
+    summary = {
+        "quality_win_rate": _avg(quality),
+        "quality_win_rate_unsafe_prefixes": _avg(q for p, q in zip(prompts, quality) if p.kind == "unsafe"),
+        "coherence_win_rate": _avg(coherence),
+    }
+    return summary, list(zip(quality, coherence))
 
 
 class DeploymentJudge:
@@ -193,9 +204,11 @@ class ModelFolder:
         return round(math.exp(total / count), 3)
 
 
-def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -> tuple[dict, list[dict]]:
+def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None,
+                     start_dir: str | None = None) -> tuple[dict, list[dict]]:
     """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge,
-    and each folder's perplexity on general text."""
+    and each folder's perplexity on general text. With `start_dir`, the model it was trained from, also
+    the win rates against that start (`vs_start`: the paper's reference, its base model)."""
     from sip.serve.backends import make_judge_backend
 
     window = cfg.data.max_seq_tokens
@@ -211,7 +224,24 @@ def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None) -
     summary["general_perplexity"] = perplexity
     if baseline_dir:
         summary["baseline_general_perplexity"] = baseline_perplexity
+    if start_dir:
+        start_texts = baseline_texts if start_dir == baseline_dir else ModelFolder.load(start_dir).greedy_texts(cfg, prompts)
+        summary["vs_start"], _ = asyncio.run(win_rates(judge, prompts, texts, start_texts))
     return summary, rows
+
+
+def run_start(model_dir: str | Path) -> str | None:
+    """The model a run's checkpoint (RUN/checkpoints/step_N) was trained from: the policy.init its run
+    recorded in RUN/config.yaml (the base folder when the run built one). None for a run from scratch,
+    a resumed run that did not record it, or a folder that is no run's checkpoint."""
+    import yaml
+
+    folder = Path(model_dir).resolve()
+    config = folder.parents[1] / "config.yaml" if folder.parent.name == "checkpoints" else None
+    if config is None or not config.exists():
+        return None
+    init = ((yaml.safe_load(config.read_text()) or {}).get("policy") or {}).get("init", "scratch")
+    return None if init == "scratch" else str(init)
 
 
 METRIC_LABELS = {
@@ -224,17 +254,31 @@ METRIC_LABELS = {
     "quality_win_rate": "quality win rate vs baseline",
     "quality_win_rate_unsafe_prefixes": "  on unsafe-inviting prefixes",
     "coherence_win_rate": "coherence win rate vs baseline",
+    "vs_start.quality_win_rate": "quality win rate vs the start model",
+    "vs_start.quality_win_rate_unsafe_prefixes": "  on unsafe-inviting prefixes",
+    "vs_start.coherence_win_rate": "coherence win rate vs the start model",
     "general_perplexity": "perplexity on general text (Python's docs)",
     "baseline_general_perplexity": "  the baseline's",
 }
 
 
-def markdown_report(summary: dict, model_dir: str, baseline_dir: str | None) -> str:
+def reported(summary: dict) -> list[tuple[str, float]]:
+    """(label, value) for each metric of METRIC_LABELS the summary holds."""
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        section, _, name = key.rpartition(".")
+        value = (summary.get(section) or {}).get(name) if section else summary.get(key)
+        if value is not None:
+            rows.append((label, value))
+    return rows
+
+
+def markdown_report(summary: dict, model_dir: str, baseline_dir: str | None, start_dir: str | None = None) -> str:
     lines = [f"# Evaluation of `{model_dir}`", ""]
     if baseline_dir:
         lines += [f"Baseline for win rates: `{baseline_dir}` (pairwise, both orders, ties count ½).", ""]
+    if start_dir:
+        lines += [f"Start model (the paper's reference for win rates): `{start_dir}`.", ""]
     lines += [f"{summary['prompts']} held-out prompts, greedy continuations.", "", "| metric | value |", "|---|---|"]
-    for key, label in METRIC_LABELS.items():
-        if summary.get(key) is not None:
-            lines.append(f"| {label.strip()} | {summary[key]:.3f} |")
+    lines += [f"| {label.strip()} | {value:.3f} |" for label, value in reported(summary)]
     return "\n".join(lines) + "\n"

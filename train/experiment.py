@@ -1,43 +1,186 @@
-"""`sip experiment`: the paper's comparisons in miniature, with equal steps and the same seeds.
+"""`sip experiment`: one of the paper's experiments in miniature, its rows with equal steps and the same seeds.
 
-Variants (Table 1 / Table 6 / Fig. 9 of the paper): the NLL pretraining baseline, NLL on rewrites,
-SIP with RF-NLL, SIP with online DPO, and online DPO with K ∈ {1, 2, 4, 8} rollouts. Each runs for
-every seed. A seed sets run.seed (rollout sampling, tie-breaking), data.seed (which documents
-arrive, in what order, cut where) and base.seed (the base model's initialisation), so each seed
-builds its own base; all variants of one seed share that base and stream. Every final model is
-then evaluated, on the same held-out prefixes, against the NLL baseline of its seed. The results are written as JSON, a markdown table (mean ± std over seeds, relative
-improvement over the base model as the paper computes it) and PNG plots.
+An experiment is a recipe: the paper's table it mirrors, config sections shared by every row, and
+the rows, each naming the paper's row and holding its own sections (configs/paper/*.yaml; without
+--recipe, the built-in grid below). A row's config is the recipe's sections, the row's over them,
+then the command line's overrides. Every row runs for every seed. A seed sets run.seed (rollout
+sampling, tie-breaking), data.seed (which documents arrive, in what order, cut where) and base.seed
+(the base model's initialisation), so each seed builds its own base; all rows of one seed share
+that base and stream.
+
+Every final model is then evaluated on the same held-out prefixes by the same judge (the recipe's
+shared config): against the start model, the paper's reference (its win rates are against Llama
+Base, and its relative gains are over Llama Base's scores); and against the recipe's baseline row
+of the same seed. The start model is what the shared config starts from: its policy.init, or the
+base its base stage builds; a recipe from scratch with no base has none, and only the baseline
+comparison is made. Results: JSON, a markdown table (mean ± std over seeds) and PNG plots.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from statistics import mean, stdev
+from typing import Any
 
-from sip.config import SipConfig, load_config
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from sip.config import ConfigError, Section, SipConfig, config_from_tree, merged, read_yaml
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "paper"
 BASELINE = "nll_baseline"
 
 
-def variants(ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, list[str]]:
-    grid = {
-        BASELINE: ["train.objective=nll", "train.candidates=[suffix]"],
-        "nll_rewrites": ["train.objective=nll", "train.candidates=[rewrite]"],
-        "sip_rf_nll": ["train.objective=rf_nll", "rollout.k=4"],
+class RecipeRow(Section):
+    mirrors: str = Field(..., description="the paper's row this one reproduces in miniature")
+    config: dict[str, Any] = Field(default_factory=dict, description="config sections for this row, as in a config file")
+
+
+class Recipe(Section):
+    mirrors: str = Field(..., description="the paper's table or figure")
+    about: str = ""
+    config: dict[str, Any] = Field(default_factory=dict, description="config sections shared by every row")
+    baseline: str | None = Field(None, description="the row every row's win rates are also measured against")
+    rows: dict[str, RecipeRow]
+
+    @field_validator("rows")
+    @classmethod
+    def _row_names(cls, rows: dict[str, RecipeRow]) -> dict[str, RecipeRow]:
+        if not rows:
+            raise ValueError("a recipe needs at least one row")
+        for name in rows:
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"row name {name!r}: lower-case letters, digits and _ (it names the row's folder)")
+        return rows
+
+    @model_validator(mode="after")
+    def _baseline_is_a_row(self) -> Recipe:
+        if self.baseline is not None and self.baseline not in self.rows:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the rows {sorted(self.rows)}")
+        return self
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> Recipe:
+    """A recipe file's path, or the name of one in configs/paper."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no recipe {name!r}: give a recipe file or one of {', '.join(recipe_names())}")
+    try:
+        return Recipe.model_validate(read_yaml(path))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"recipe {path}: {problems}") from None
+
+
+def default_recipe(config: dict, ks: tuple[int, ...] = (1, 2, 4, 8)) -> Recipe:
+    """The built-in grid: the NLL baseline, NLL on rewrites, RF-NLL and online DPO with each K rollouts."""
+    rows = {
+        BASELINE: RecipeRow(mirrors="Pretrain baseline (NTP on the raw suffix)",
+                            config={"train": {"objective": "nll", "candidates": ["suffix"]}}),
+        "nll_rewrites": RecipeRow(mirrors="Pretrain on rewrites (Table 2)",
+                                  config={"train": {"objective": "nll", "candidates": ["rewrite"]}}),
+        "sip_rf_nll": RecipeRow(mirrors="SIP, RF-NLL", config={"train": {"objective": "rf_nll"}, "rollout": {"k": 4}}),
     }
     for k in ks:
-        grid[f"sip_dpo_k{k}"] = ["train.objective=dpo", f"rollout.k={k}"]
-    return grid
+        rows[f"sip_dpo_k{k}"] = RecipeRow(mirrors=f"SIP, online DPO, {k} rollouts (Fig. 9)",
+                                          config={"train": {"objective": "dpo"}, "rollout": {"k": k}})
+    return Recipe(mirrors="Tables 1, 2 and 6, Fig. 9 (a cross-section)", config=config, baseline=BASELINE, rows=rows)
 
 
 def seed_overrides(seed: int) -> list[str]:
     return [f"run.seed={seed}", f"data.seed={seed}", f"base.seed={seed}"]
 
 
+def row_config(recipe: Recipe, name: str | None, overrides: list[str]) -> SipConfig:
+    """A row's config (None: the shared sections alone), or a ConfigError naming the row."""
+    tree = recipe.config if name is None else merged(recipe.config, recipe.rows[name].config)
+    try:
+        return config_from_tree(tree, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"recipe row {name or '(shared config)'}: {err}") from None
+
+
+def check_recipe(recipe: Recipe, overrides: list[str]) -> None:
+    """Every row's config validates, before anything starts."""
+    for name in [None, *recipe.rows]:
+        row_config(recipe, name, overrides)
+
+
+def start_model(cfg: SipConfig) -> str | None:
+    """The model the shared config starts from (built first when it is a base not cached yet), or None."""
+    if cfg.policy.init != "scratch":
+        return cfg.policy.init
+    if cfg.base.steps == 0:
+        return None
+    from sip.train.base import ensure_base
+
+    return str(ensure_base(cfg)[0])
+
+
+def run_experiment(recipe: Recipe, overrides: list[str], seeds: list[int], out: Path) -> dict:
+    """Runs every row for every seed (a finished run is reused), then evaluates and reports."""
+    from sip.train.cluster import init_ray
+    from sip.train.evaluate import evaluate_folders
+    from sip.train.pipeline import run_training
+
+    check_recipe(recipe, overrides)
+    results: dict[str, dict[int, dict]] = {name: {} for name in recipe.rows}
+    start_evals: dict[int, dict] = {}
+    shared = row_config(recipe, None, overrides)
+    started = init_ray(shared)
+    try:
+        for seed in seeds:
+            for name in recipe.rows:
+                run_dir = out / name / f"seed_{seed}"
+                if not (run_dir / "summary.json").exists():
+                    row_overrides = [*overrides, *seed_overrides(seed), f"run.output_dir={run_dir}", "run.progress=false"]
+                    run_training(row_config(recipe, name, row_overrides))
+                results[name][seed] = json.loads((run_dir / "summary.json").read_text())
+            judge_cfg = row_config(recipe, None, [*overrides, *seed_overrides(seed)])  # one judge for every row
+            start = start_model(judge_cfg)
+            if start is not None:
+                start_evals[seed] = _cached(out / f"start_seed_{seed}.json", lambda: evaluate_folders(judge_cfg, start, None)[0])
+            baseline = results[recipe.baseline][seed]["checkpoint"] if recipe.baseline else None
+            for name in recipe.rows:
+                checkpoint = results[name][seed]["checkpoint"]
+                results[name][seed]["eval"] = _cached(
+                    out / name / f"seed_{seed}" / "eval.json",
+                    lambda: evaluate_folders(judge_cfg, checkpoint, baseline, start)[0])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    table = aggregate(results, start_evals)
+    (out / "results.json").write_text(json.dumps(table, indent=2))
+    (out / "results.md").write_text(markdown_table(table, recipe, seeds, shared))
+    judged_rows = [name for name in recipe.rows if _has_rollouts(row_config(recipe, name, overrides))]
+    if judged_rows:
+        plot_curves({name: results[name] for name in judged_rows}, out / "rollout_chosen_rate.png",
+                    out / "judge_score_per_source.png")
+    return table
+
+
+def _cached(path: Path, compute) -> dict:
+    if not path.exists():
+        path.write_text(json.dumps(compute(), indent=2))
+    return json.loads(path.read_text())
+
+
+def _has_rollouts(cfg: SipConfig) -> bool:
+    return cfg.needs_judge and "rollout" in cfg.train.candidates
+
+
 METRICS = {
-    "quality_win_rate": "quality win rate vs NLL baseline",
-    "coherence_win_rate": "coherence win rate vs NLL baseline",
+    "vs_start.quality_win_rate": "quality win rate vs start",
+    "vs_start.quality_win_rate_unsafe_prefixes": "quality vs start, unsafe-inviting prefixes",
+    "vs_start.coherence_win_rate": "coherence vs start",
+    "quality_win_rate": "quality win rate vs baseline row",
     "factuality": "factuality",
     "factuality_contested": "factuality, contested facts",
     "safety_on_unsafe_prefixes": "safety, unsafe-inviting prefixes",
@@ -46,65 +189,28 @@ METRICS = {
 RELATIVE = ("factuality", "safety")
 
 
-def run_experiment(config: Path | None, overrides: list[str], seeds: list[int], out: Path,
-                   ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
-    """Runs every variant for every seed (a finished run is reused), then evaluates and reports."""
-    from sip.train.evaluate import evaluate_folders
-    from sip.train.cluster import init_ray
-    from sip.train.pipeline import run_training
-
-    grid = variants(ks)
-    results: dict[str, dict[int, dict]] = {name: {} for name in grid}
-    base_evals: dict[int, dict] = {}
-    cfg = load_config(config, overrides)
-    started = init_ray(cfg)
-    try:
-        for seed in seeds:
-            for name, extra in grid.items():
-                run_dir = out / name / f"seed_{seed}"
-                summary_path = run_dir / "summary.json"
-                if not summary_path.exists():
-                    run_overrides = [*overrides, *extra, *seed_overrides(seed), f"run.output_dir={run_dir}", "run.progress=false"]
-                    run_training(load_config(config, run_overrides))
-                results[name][seed] = json.loads(summary_path.read_text())
-            base_evals[seed] = results[BASELINE][seed]["eval_initial"]
-            baseline_model = results[BASELINE][seed]["checkpoint"]
-            for name in grid:
-                eval_path = out / name / f"seed_{seed}" / "eval_vs_baseline.json"
-                if not eval_path.exists():
-                    run_cfg = load_config(config, [*overrides, *grid[name]])
-                    summary, _ = evaluate_folders(run_cfg, results[name][seed]["checkpoint"], baseline_model)
-                    eval_path.write_text(json.dumps(summary, indent=2))
-                results[name][seed]["eval_vs_baseline"] = json.loads(eval_path.read_text())
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    table = aggregate(results, base_evals)
-    (out / "results.json").write_text(json.dumps(table, indent=2))
-    (out / "results.md").write_text(markdown_table(table, seeds, cfg))
-    plot_curves(results, out / "rollout_chosen_rate.png", out / "judge_score_per_source.png")
-    return table
+def _value(summary: dict, key: str) -> float | None:
+    section, _, name = key.rpartition(".")
+    return (summary.get(section) or {}).get(name) if section else summary.get(key)
 
 
-def aggregate(results: dict[str, dict[int, dict]], base_evals: dict[int, dict]) -> dict:
-    """Mean and std over seeds of each metric, and the relative improvement over the base model."""
+def aggregate(results: dict[str, dict[int, dict]], start_evals: dict[int, dict]) -> dict:
+    """Mean and std over seeds of each metric, and the relative improvement over the start model."""
     table: dict[str, dict] = {}
     for name, by_seed in results.items():
         row: dict[str, dict] = {}
         for key in METRICS:
-            values = [s["eval_vs_baseline"][key] for s in by_seed.values() if s["eval_vs_baseline"].get(key) is not None]
+            values = [v for s in by_seed.values() if (v := _value(s["eval"], key)) is not None]
             if values:
                 row[key] = {**_mean_std(values), "n": len(values)}
         for key in RELATIVE:
             gains = [
                 relative
                 for seed, s in by_seed.items()
-                if (relative := _relative(s["eval_vs_baseline"].get(key), base_evals[seed].get(key))) is not None
+                if seed in start_evals and (relative := _relative(s["eval"].get(key), start_evals[seed].get(key))) is not None
             ]
             if gains:
-                row[f"{key}_relative_to_base"] = _mean_std(gains)
+                row[f"{key}_relative_to_start"] = _mean_std(gains)
         row["final_rollout_chosen_rate"] = _mean_std([s["final"]["chosen_rate"]["rollout"] for s in by_seed.values()])
         table[name] = row
     return table
@@ -120,45 +226,48 @@ def _relative(value: float | None, base: float | None) -> float | None:
     return None if value is None or base is None else relative_improvement(value, base)
 
 
-def markdown_table(table: dict, seeds: list[int], cfg: SipConfig) -> str:
+def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig) -> str:
     def cell(row, key, percent=False):
         if key not in row:
             return "–"
         m, s = row[key]["mean"], row[key]["std"]
         return f"{100 * m:+.1f}% ± {100 * s:.1f}" if percent else f"{m:.3f} ± {s:.3f}"
 
-    head = ["variant", *METRICS.values(), "factuality vs base", "safety vs base", "final rollout chosen rate"]
+    head = ["row", "paper's row", *METRICS.values(), "factuality vs start", "safety vs start", "final rollout chosen rate"]
     lines = [
-        f"Seeds {seeds} (each sets run.seed, data.seed and base.seed); {cfg.train.steps} steps of {cfg.train.batch_size} prefixes each; N = {cfg.data.suffix_tokens}.",
-        "Mean ± std over seeds. Win rates: pairwise against the NLL baseline of the same seed, both orders, ties ½.",
-        "Relative improvement over the base model: (value − base) / base, as the paper reports it.",
+        f"Mirrors the paper's {recipe.mirrors}. {recipe.about}".strip(),
+        "",
+        f"Seeds {seeds} (each sets run.seed, data.seed and base.seed); {cfg.train.steps} steps of {cfg.train.batch_size} "
+        f"prefixes each (shared config); N = {cfg.data.suffix_tokens}. Mean ± std over seeds.",
+        "Win rates: pairwise, both orders, ties ½, against the start model (the paper's reference, its base model) and "
+        f"against the {recipe.baseline or '(none)'} row of the same seed. Relative improvement over the start model's own "
+        "scores: (value − start) / start, as the paper reports it.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for name, row in table.items():
-        cells = [name, *(cell(row, k) for k in METRICS), cell(row, "factuality_relative_to_base", True),
-                 cell(row, "safety_relative_to_base", True), cell(row, "final_rollout_chosen_rate")]
+        cells = [name, recipe.rows[name].mirrors, *(cell(row, k) for k in METRICS), cell(row, "factuality_relative_to_start", True),
+                 cell(row, "safety_relative_to_start", True), cell(row, "final_rollout_chosen_rate")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(results: dict[str, dict[int, dict]], chosen_png: Path, scores_png: Path, window: int = 10) -> None:
-    """The rollout chosen rate over training per SIP variant (the paper's Fig. 8), and the mean judge
-    score per candidate source for each SIP variant, both averaged over seeds."""
+    """The rollout chosen rate over training per judged row with rollouts (the paper's Fig. 8), and the
+    mean judge score per candidate source for each, both averaged over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sip.train.plots import smooth
     from sip.records import SOURCES
+    from sip.train.plots import smooth
 
-    sip_variants = [n for n in results if n.startswith("sip_")]
     metrics = {  # each run's metrics.jsonl rows, read once
         name: [[json.loads(line) for line in (Path(s["checkpoint"]).parents[1] / "metrics.jsonl").read_text().splitlines()]
-               for s in results[name].values()]
-        for name in sip_variants
+               for s in by_seed.values()]
+        for name, by_seed in results.items()
     }
 
     def mean_curve(name: str, value) -> tuple[list[int], list[float]]:
@@ -168,19 +277,19 @@ def plot_curves(results: dict[str, dict[int, dict]], chosen_png: Path, scores_pn
         return steps, smooth([mean(value(r[i]) for r in runs) for i in range(length)], window)
 
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for name in sip_variants:
+    for name in results:
         ax.plot(*mean_curve(name, lambda r: r["chosen_rate"]["rollout"]), label=name)
     ax.set(title=f"rollout chosen rate ({window}-step mean, averaged over seeds)", xlabel="step", ylim=(0, 1))
     ax.legend()
     fig.savefig(chosen_png, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(sip_variants), figsize=(4 * len(sip_variants), 3.8), constrained_layout=True, squeeze=False)
-    for ax, name in zip(axes[0], sip_variants):
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], results):
         for source in SOURCES:
             try:
                 ax.plot(*mean_curve(name, lambda r, s=source: r["judge_score"][s]), label=source)
-            except KeyError:  # this variant has no candidates of that source
+            except KeyError:  # this row has no candidates of that source
                 continue
         ax.set(title=name, xlabel="step", ylim=(0, 1))
         ax.legend()

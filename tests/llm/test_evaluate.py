@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from sip.train.evaluate import both_orders, relative_improvement
-from sip.train.experiment import aggregate
 
 
 def test_both_orders_cancel_position_and_count_ties_as_half():
@@ -26,20 +25,6 @@ def test_relative_improvement_is_over_the_base():
     # the paper's factuality headline: (57.6 - 42.3) / 42.3 = 36.2%
     assert relative_improvement(57.6, 42.3) == pytest.approx(0.3617, abs=1e-4)
     assert relative_improvement(0.5, 0.0) is None
-
-
-def test_aggregate_means_stds_and_relative_gains():
-    def run(fact, win, rollout):
-        return {"eval_vs_baseline": {"factuality": fact, "quality_win_rate": win, "safety": 1.0},
-                "final": {"chosen_rate": {"rollout": rollout}}}
-
-    table = aggregate({"sip": {0: run(0.6, 0.7, 0.5), 1: run(0.8, 0.9, 0.7)}}, {0: {"factuality": 0.4, "safety": 0.5}, 1: {"factuality": 0.5, "safety": 0.5}})
-    row = table["sip"]
-    assert row["factuality"]["mean"] == pytest.approx(0.7) and row["factuality"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    assert row["quality_win_rate"]["mean"] == pytest.approx(0.8)
-    assert row["factuality_relative_to_base"]["mean"] == pytest.approx((0.5 + 0.6) / 2)
-    assert row["safety_relative_to_base"]["mean"] == pytest.approx(1.0)
-    assert row["final_rollout_chosen_rate"]["mean"] == pytest.approx(0.6)
 
 
 TINY = ["data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6",

@@ -58,7 +58,7 @@ def test_sync_mode_trains_strictly_on_policy(tmp_path):
 def test_rewrite_over_rollout_trains_without_a_judge(tmp_path):
     out = tmp_path / "spin"
     summary = run_training(load_config(None, TINY + [
-        "train.steps=2", "train.objective=dpo_rewrite_vs_rollout", "train.candidates=[rewrite, rollout]", "rollout.k=2",
+        "train.steps=2", "train.objective=dpo_rewrite_chosen", "train.candidates=[rewrite, rollout]", "rollout.k=2",
         "run.eval_at_end=false", f"run.output_dir={out}"]))
     for r in rows(out):
         assert r["judge_calls"] == 0 and r["chosen_rate"]["rewrite"] == 1.0 and "reward_margin" in r

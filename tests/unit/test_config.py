@@ -89,7 +89,7 @@ def request_budget(cfg) -> float:
 
 
 @pytest.mark.parametrize("path, overrides", [
-    *[(path, []) for path in sorted(CONFIGS.rglob("*.yaml"))],
+    *[(path, []) for path in sorted(CONFIGS.glob("*.yaml"))],  # configs/paper holds recipes: test_recipes.py
     (None, []),
     (None, ["pipeline.timeout_s=120"]),  # the test suite's runs (test_e2e, test_faults, ...)
     (None, ["pipeline.timeout_s=600"]),

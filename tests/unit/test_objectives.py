@@ -107,7 +107,7 @@ def test_micro_batch_losses_add_up_to_the_whole_batch():
 
 
 def test_rewrite_over_rollout_needs_no_judge_and_prefers_the_rewrite_to_a_random_rollout():
-    spin = OBJECTIVES["dpo_rewrite_vs_rollout"]
+    spin = OBJECTIVES["dpo_rewrite_chosen"]
     assert not spin.needs_judge and spin.needs_reference
     sample = judged([0.0, 0.0, 0.0], sources=("rewrite", "rollout", "rollout"))
     rejected = set()
@@ -120,7 +120,7 @@ def test_rewrite_over_rollout_needs_no_judge_and_prefers_the_rewrite_to_a_random
 
 
 def test_rewrite_over_rollout_skips_a_sample_whose_rewrite_came_back_empty():
-    spin = OBJECTIVES["dpo_rewrite_vs_rollout"]
+    spin = OBJECTIVES["dpo_rewrite_chosen"]
     sample = judged([1.0, 1.0], sources=("rollout", "rollout"))
     assert spin.skip_reason(sample) == "no_candidate" and spin.select(sample, 0) is None
 
@@ -128,6 +128,6 @@ def test_rewrite_over_rollout_skips_a_sample_whose_rewrite_came_back_empty():
 def test_rewrite_over_rollout_takes_exactly_the_rewrite_and_rollouts():
     from sip.config import ConfigError, load_config
 
-    load_config(None, ["train.objective=dpo_rewrite_vs_rollout", "train.candidates=[rewrite, rollout]", "rollout.k=1"])
+    load_config(None, ["train.objective=dpo_rewrite_chosen", "train.candidates=[rewrite, rollout]", "rollout.k=1"])
     with pytest.raises(ConfigError, match=r"set train.candidates to \[rewrite, rollout\]"):
-        load_config(None, ["train.objective=dpo_rewrite_vs_rollout"])
+        load_config(None, ["train.objective=dpo_rewrite_chosen"])
