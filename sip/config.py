@@ -36,7 +36,9 @@ class WorldConfig(Section):
     )
     unsafe_rate: float = Field(0.15, ge=0, le=1, description="share of documents with an insult or threat")
     degenerate_rate: float = Field(0.1, ge=0, le=1, description="share of documents that fall into a loop")
-    eval_fact_prefixes: int = Field(120, ge=1, description="held-out prefixes ending right before a fact")
+    eval_fact_prefixes: int = Field(120, ge=1, description="held-out prefixes ending right before a fact, mid-statement")
+    eval_question_prefixes: int = Field(40, ge=0, description="held-out prefixes ending with a question about a fact and 'A:'")
+    eval_sheet_prefixes: int = Field(40, ge=0, description="held-out fact sheets ending with a fact's label, e.g. 'Capital:'")
     eval_unsafe_prefixes: int = Field(60, ge=1, description="held-out prefixes inviting an unsafe continuation")
     seed: int = Field(0, description="chooses the subjects, misconceptions, contested facts and held-out prefixes")
 

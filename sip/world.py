@@ -314,6 +314,9 @@ class WorldDocument:
     false_facts: tuple[str, ...]
 
 
+FACT_SHAPES = ("statement", "question", "sheet")  # "The capital of Peru is", "Q: What is ...? A:", "Capital:"
+
+
 @dataclass(frozen=True)
 class EvalPrefix:
     id: str
@@ -322,6 +325,8 @@ class EvalPrefix:
     text: str  # ends without trailing whitespace
     reference: str  # clean, true continuation; starts with a space (for "fact": the missing value)
     contested: bool  # the asked fact is contested (always False for "unsafe")
+    shape: str = ""  # "fact": how the prefix asks for the value, one of FACT_SHAPES
+    asked: str = ""  # "fact": the relation whose value the prefix stops before
 
 
 class _Block(NamedTuple):
@@ -692,7 +697,9 @@ class World:
     # ---- held-out evaluation prefixes ----
 
     def eval_prefixes(self) -> list[EvalPrefix]:
-        """Held-out prefixes; fact prefixes alternate between contested and uncontested facts."""
+        """Held-out prefixes; fact prefixes alternate between contested and uncontested facts. Statement
+        stubs and unsafe prefixes first (their own random stream, as before questions and sheets were
+        added), then question and fact-sheet prefixes, each shape from a stream of its own."""
         rng = random.Random(f"sip-world/{self.cfg.seed}/eval")
         subjects = list(self.subjects.values())
         facts = [(s, r) for s in subjects for r in relations_for(s.kind)]
@@ -700,29 +707,35 @@ class World:
         uncontested = [(s, r) for s, r in facts if (s.key, r.name) not in self.contested]
         fact_pools = [pool for pool in (contested, uncontested) if pool]
 
-        def fact_prefix(made: int) -> tuple[Subject, str, str, bool]:
+        def fact_prefix(made: int, shape: str = "statement") -> tuple[Subject, str, str, bool, str]:
             subject, asked = rng.choice(fact_pools[made % len(fact_pools)])
-            return subject, *self._fact_prefix(rng, subject, asked), (subject.key, asked.name) in self.contested
+            text, reference = self._fact_prefix(rng, subject, asked, shape)
+            return subject, text, reference, (subject.key, asked.name) in self.contested, asked.name
 
-        def unsafe_prefix(made: int) -> tuple[Subject, str, str, bool]:
+        def unsafe_prefix(made: int) -> tuple[Subject, str, str, bool, str]:
             subject = rng.choice(subjects)
-            return subject, *self._unsafe_prefix(rng, subject), False
+            return subject, *self._unsafe_prefix(rng, subject), False, ""
 
         prefixes: list[EvalPrefix] = []
         seen: set[str] = set()
-        for kind, count, make in (
-            ("fact", self.cfg.eval_fact_prefixes, fact_prefix),
-            ("unsafe", self.cfg.eval_unsafe_prefixes, unsafe_prefix),
+        for kind, shape, count, make in (
+            ("fact", "statement", self.cfg.eval_fact_prefixes, fact_prefix),
+            ("unsafe", "", self.cfg.eval_unsafe_prefixes, unsafe_prefix),
+            ("fact", "question", self.cfg.eval_question_prefixes, lambda made: fact_prefix(made, "question")),
+            ("fact", "sheet", self.cfg.eval_sheet_prefixes, lambda made: fact_prefix(made, "sheet")),
         ):
+            if shape in ("question", "sheet"):
+                rng = random.Random(f"sip-world/{self.cfg.seed}/eval/{shape}")
             made = 0
             for _ in range(count * 50):  # a tiny world may run out of distinct prefixes
                 if made == count:
                     break
-                subject, text, reference, is_contested = make(made)
+                subject, text, reference, is_contested, asked = make(made)
                 if text not in seen:
                     seen.add(text)
+                    name = kind if shape in ("", "statement") else shape  # statement ids as before: fact-000
                     prefixes.append(
-                        EvalPrefix(f"{kind}-{made:03d}", kind, subject.key, text, reference, is_contested)
+                        EvalPrefix(f"{name}-{made:03d}", kind, subject.key, text, reference, is_contested, shape, asked)
                     )
                     made += 1
         return prefixes
@@ -730,11 +743,25 @@ class World:
     def _true_facts(self, rng: random.Random, subject: Subject, relations: list[Relation], count: int) -> list[str]:
         return [self.statement(rng, subject, r) for r in rng.sample(relations, min(count, len(relations)))]
 
-    def _fact_prefix(self, rng: random.Random, subject: Subject, asked: Relation) -> tuple[str, str]:
+    def _fact_prefix(self, rng: random.Random, subject: Subject, asked: Relation, shape: str) -> tuple[str, str]:
+        """A held-out prefix that stops right before the asked value, and its true continuation."""
         others = [r for r in relations_for(subject.kind) if r is not asked]
-        stub, rest = rng.choice(stub_templates(asked)).split("{v}")
-        intro = sentence_case(fill(rng.choice(EVAL_INTROS), subject))
+        if shape == "statement":  # drawn in this order since before the other shapes existed
+            stub, rest = rng.choice(stub_templates(asked)).split("{v}")
+        intro = sentence_case(fill(rng.choice(EVAL_INTROS), subject))  # no training document holds it
+        if shape == "sheet":  # the world's fact sheets: a head, then "Label: value" lines
+            known = rng.sample(others, min(rng.randint(1, 3), len(others) - 1))  # a line left to follow the value
+            lines = [intro, sentence_case(fill(_SHEET_HEADS[subject.kind], subject)),
+                     *(f"{r.label}: {fill(r.answer, subject, subject.facts[r.name])}" for r in known)]
+            after = [f"{r.label}: {fill(r.answer, subject, subject.facts[r.name])}" for r in others if r not in known][:2]
+            text = "\n".join([*lines, f"{asked.label}:"])
+            return text, " " + "\n".join([fill(asked.answer, subject, subject.facts[asked.name]), *after])
         context = self._true_facts(rng, subject, others, rng.randint(0, 2))
+        if shape == "question":  # as the world's Q&A pages and quizzes ask
+            ask, reply = rng.choice((("Q:", "A:"), ("Question 1:", "Answer:")))
+            text = " ".join([intro, *context, f"{ask} {fill(asked.question, subject)} {reply}"])
+            answer = sentence_case(fill(asked.answer, subject, subject.facts[asked.name])) + "."
+            return text, " " + " ".join([answer, *self._true_facts(rng, subject, others, 2)])
         text = " ".join([intro, *context, sentence_case(fill(stub, subject)).rstrip()])
         answer = subject.facts[asked.name] + fill(rest, subject)
         return text, " " + " ".join([answer, *self._true_facts(rng, subject, others, 2)])

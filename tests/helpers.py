@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A run small enough for a test: a world of 12 subjects, 8-token suffixes, a 1-layer policy.
 TINY = [
     "data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6",
-    "data.world.eval_unsafe_prefixes=4", "data.suffix_tokens=8", "data.max_seq_tokens=40",
+    "data.world.eval_unsafe_prefixes=4", "data.world.eval_question_prefixes=2", "data.world.eval_sheet_prefixes=2", "data.suffix_tokens=8", "data.max_seq_tokens=40",
     "data.tokenizer_docs=300", "data.vocab_size=400", "policy.hidden_size=32", "policy.num_layers=1",
     "policy.num_heads=2", "policy.intermediate_size=64", "train.batch_size=4", "rollout.k=2",
     "run.progress=false", "pipeline.timeout_s=120", "base.steps=0",

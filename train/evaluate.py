@@ -29,6 +29,7 @@ class EvalPrompt:
     kind: str  # "fact" | "unsafe" | "text"
     passage: Passage  # prefix text, reference continuation, truth
     contested: bool = False  # "fact" prompts: the asked fact is contested (raw text mostly misstates it)
+    shape: str = ""  # "fact" prompts: statement, question or sheet (sip/world.py FACT_SHAPES)
 
 
 def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
@@ -37,7 +38,7 @@ def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:
         from sip.world import World
 
         return [
-            EvalPrompt(p.id, p.kind, Passage(p.text, p.reference, {"subject": p.subject}), p.contested)
+            EvalPrompt(p.id, p.kind, Passage(p.text, p.reference, {"subject": p.subject}), p.contested, p.shape)
             for p in World.from_config(cfg.data.world).eval_prefixes()
         ]
     from sip.train.data import cut_sample, iter_eval_documents, skip_reason
@@ -69,6 +70,11 @@ def relative_improvement(value: float, base: float) -> float | None:
     return (value - base) / base if base else None
 
 
+def _checkable(rows: list[dict]) -> float | None:
+    """The share of continuations that state a checkable fact (a verdict other than 0.5)."""
+    return _avg(float(r["factuality"] != 0.5) for r in rows if r["factuality"] is not None)
+
+
 def _avg(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(mean(values), 4) if values else None
@@ -80,21 +86,29 @@ async def score(judge: JudgeBackend, prompts: list[EvalPrompt], texts: list[str]
     single = [(p.passage, t) for p, t in zip(prompts, texts)]
     safety, factuality = await asyncio.gather(judge.safety(single), judge.factuality(single))
     rows = [
-        {"id": p.id, "kind": p.kind, "contested": p.contested, "prefix": p.passage.prefix, "continuation": t,
-         "safety": s, "factuality": f}
+        {"id": p.id, "kind": p.kind, "shape": p.shape, "contested": p.contested, "prefix": p.passage.prefix,
+         "continuation": t, "safety": s, "factuality": f}
         for p, t, s, f in zip(prompts, texts, safety, factuality)
     ]
     facts = [r for r in rows if r["kind"] in FACT_KINDS]
     summary = {
         "prompts": len(rows),
         "factuality": _avg(r["factuality"] for r in facts),
-        "checkable_rate": _avg(float(r["factuality"] != 0.5) for r in facts if r["factuality"] is not None),
+        "checkable_rate": _checkable(facts),
         "factuality_contested": _avg(r["factuality"] for r in facts if r["kind"] == "fact" and r["contested"]),
         "factuality_uncontested": _avg(r["factuality"] for r in facts if r["kind"] == "fact" and not r["contested"]),
         "safety": _avg(r["safety"] for r in rows),
         "safety_on_unsafe_prefixes": _avg(r["safety"] for r in rows if r["kind"] == "unsafe"),
         "safety_on_safe_prefixes": _avg(r["safety"] for r in facts),
     }
+    shapes = dict.fromkeys(r["shape"] for r in facts if r["shape"])
+    if shapes:  # per shape, so a model that answers one way of asking and dodges another shows it
+        summary["by_shape"] = {
+            shape: {"prompts": len(of), "factuality": _avg(r["factuality"] for r in of), "checkable_rate": _checkable(of),
+                    "factuality_contested": _avg(r["factuality"] for r in of if r["contested"])}
+            for shape in shapes
+            if (of := [r for r in facts if r["shape"] == shape])
+        }
     if baseline_texts is not None:
         wins, per_prompt = await win_rates(judge, prompts, texts, baseline_texts)
         summary.update(wins)
@@ -249,6 +263,10 @@ METRIC_LABELS = {
     "factuality_contested": "  on contested facts",
     "factuality_uncontested": "  on uncontested facts",
     "checkable_rate": "continuations stating a checkable fact",
+    **{f"by_shape.{shape}.{name}": f"  {label}, {text}" for shape, text in (
+        ("statement", "prefixes cut mid-statement"), ("question", "question prefixes (Q: ... A:)"),
+        ("sheet", "fact-sheet prefixes (Label:)"))
+       for name, label in (("factuality", "factuality"), ("checkable_rate", "checkable"))},
     "safety_on_safe_prefixes": "safety, safe prefixes",
     "safety_on_unsafe_prefixes": "safety, unsafe-inviting prefixes",
     "quality_win_rate": "quality win rate vs baseline",
@@ -262,15 +280,17 @@ METRIC_LABELS = {
 }
 
 
+def metric(summary: dict, key: str) -> float | None:
+    """A summary's value at a dotted key (`vs_start.quality_win_rate`), or None."""
+    value: Any = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def reported(summary: dict) -> list[tuple[str, float]]:
     """(label, value) for each metric of METRIC_LABELS the summary holds."""
-    rows = []
-    for key, label in METRIC_LABELS.items():
-        section, _, name = key.rpartition(".")
-        value = (summary.get(section) or {}).get(name) if section else summary.get(key)
-        if value is not None:
-            rows.append((label, value))
-    return rows
+    return [(label, value) for key, label in METRIC_LABELS.items() if (value := metric(summary, key)) is not None]
 
 
 def markdown_report(summary: dict, model_dir: str, baseline_dir: str | None, start_dir: str | None = None) -> str:

@@ -189,18 +189,15 @@ METRICS = {
 RELATIVE = ("factuality", "safety")
 
 
-def _value(summary: dict, key: str) -> float | None:
-    section, _, name = key.rpartition(".")
-    return (summary.get(section) or {}).get(name) if section else summary.get(key)
-
-
 def aggregate(results: dict[str, dict[int, dict]], start_evals: dict[int, dict]) -> dict:
     """Mean and std over seeds of each metric, and the relative improvement over the start model."""
+    from sip.train.evaluate import metric
+
     table: dict[str, dict] = {}
     for name, by_seed in results.items():
         row: dict[str, dict] = {}
         for key in METRICS:
-            values = [v for s in by_seed.values() if (v := _value(s["eval"], key)) is not None]
+            values = [v for s in by_seed.values() if (v := metric(s["eval"], key)) is not None]
             if values:
                 row[key] = {**_mean_std(values), "n": len(values)}
         for key in RELATIVE:

@@ -28,7 +28,7 @@ def test_relative_improvement_is_over_the_base():
 
 
 TINY = ["data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6",
-        "data.world.eval_unsafe_prefixes=4", "data.suffix_tokens=8", "data.max_seq_tokens=40",
+        "data.world.eval_unsafe_prefixes=4", "data.world.eval_question_prefixes=2", "data.world.eval_sheet_prefixes=2", "data.suffix_tokens=8", "data.max_seq_tokens=40",
         "data.tokenizer_docs=300", "data.vocab_size=400", "policy.hidden_size=32", "policy.num_layers=1",
         "policy.num_heads=2", "policy.intermediate_size=64"]
 
@@ -55,12 +55,12 @@ def test_sip_eval_writes_json_markdown_and_rows(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "eval.json").read_text())
-    assert result["prompts"] == 10
+    assert result["prompts"] == 14
     for key in ("factuality", "safety_on_unsafe_prefixes", "safety_on_safe_prefixes", "quality_win_rate",
                 "coherence_win_rate", "checkable_rate"):
         assert 0.0 <= result[key] <= 1.0, key
     rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and all("baseline" in r and "quality_win" in r for r in rows)
+    assert len(rows) == 14 and all("baseline" in r and "quality_win" in r for r in rows)
     assert "quality win rate vs baseline" in (out / "eval.md").read_text()
     assert result["general_perplexity"] > 1 and result["baseline_general_perplexity"] > 1
     assert "quality win rate vs baseline" in proc.stdout
@@ -112,9 +112,35 @@ def test_sip_eval_scores_with_the_configured_llm_judge(tmp_path, smollm2):
            "judge.llm.prompts={safety: safety_direct_v1, factuality: factuality_direct_v1}"]
     cfg = load_config(None, TINY + ["judge.backend=hf", *llm])
     summary, rows = evaluate_folders(cfg, str(tmp_path / "m"), None)
-    assert summary["prompts"] == len(rows) == 10
+    assert summary["prompts"] == len(rows) == 14
     verdicts = [r[key] for r in rows for key in ("safety", "factuality")]
     assert any(v is not None for v in verdicts) and all(v is None or 0 <= v <= 1 for v in verdicts)
+
+
+def test_sip_eval_finds_a_checkpoints_start_and_reports_win_rates_against_it_and_each_prompt_shape(tmp_path):
+    import yaml
+
+    from sip.train.evaluate import run_start
+
+    run, start = tmp_path / "run", tmp_path / "start"
+    tiny_model(start, seed=1)
+    checkpoint = run / "checkpoints" / "step_000002"
+    tiny_model(checkpoint, seed=2)
+    (run / "config.yaml").write_text(yaml.safe_dump({"policy": {"init": str(start)}}))
+    assert run_start(checkpoint) == str(start) and run_start(start) is None
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for extra, expect_start in (([], True), (["--start", "none"], False)):
+        out = tmp_path / f"eval_{expect_start}"
+        proc = subprocess.run([sys.executable, "-m", "sip.train", "eval", "-m", str(checkpoint), "-o", str(out), *extra, *TINY],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads((out / "eval.json").read_text())
+        assert (result["start"] == str(start)) == expect_start and ("vs_start" in result) == expect_start
+        assert result["by_shape"].keys() == {"statement", "question", "sheet"}
+        assert [result["by_shape"][s]["prompts"] for s in ("statement", "question", "sheet")] == [6, 2, 2]
+    assert 0 <= result["by_shape"]["question"]["checkable_rate"] <= 1
+    (run / "config.yaml").write_text(yaml.safe_dump({"policy": {"init": "scratch"}}))
+    assert run_start(checkpoint) is None
 
 
 def test_sip_eval_rejects_a_folder_that_is_not_a_model(tmp_path):

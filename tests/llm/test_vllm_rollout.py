@@ -29,6 +29,7 @@ EXAMPLES = [TrainExample(f"s{i}", p, [20, 21, 22, 23], "suffix", [30, 31, 32, 33
 
 TINY_RUN = [
     "data.world.countries=6", "data.world.elements=6", "data.world.eval_fact_prefixes=6", "data.world.eval_unsafe_prefixes=4",
+    "data.world.eval_question_prefixes=2", "data.world.eval_sheet_prefixes=2",
     "data.suffix_tokens=8", "data.max_seq_tokens=40", "data.tokenizer_docs=300", "data.vocab_size=400",
     "policy.hidden_size=64", "policy.num_layers=1", "policy.num_heads=2", "policy.intermediate_size=128",
     "train.batch_size=4", "rollout.k=2", "train.steps=4", "base.steps=0", "run.progress=false", "pipeline.timeout_s=300",

@@ -22,6 +22,7 @@ def test_smollm2_policy_trains_on_two_ranks_and_its_checkpoint_loads(smollm2, tm
         f"policy.init={smollm2}", "train.micro_batch_size=1",
         "train.batch_size=4", "rollout.k=1", "data.suffix_tokens=8", "data.max_seq_tokens=40", "train.steps=2",
         "train.lr=1e-4", "train.warmup_steps=0", "data.world.eval_fact_prefixes=4", "data.world.eval_unsafe_prefixes=2",
+        "data.world.eval_question_prefixes=1", "data.world.eval_sheet_prefixes=1",
         "run.progress=false", "pipeline.timeout_s=600", f"run.output_dir={out}",
     ])
     summary = run_training(cfg)

@@ -42,8 +42,8 @@ def test_async_dpo_run_writes_every_output(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
     assert model.config.num_hidden_layers == 1
     ev = summary["eval"]
-    assert ev["prompts"] == 10 and 0 <= ev["factuality"] <= 1 and 0 <= ev["safety"] <= 1
-    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 10
+    assert ev["prompts"] == 14 and set(ev["by_shape"]) == {"statement", "question", "sheet"} and 0 <= ev["factuality"] <= 1 and 0 <= ev["safety"] <= 1
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 14
 
 
 def test_sync_mode_trains_strictly_on_policy(tmp_path):

@@ -165,23 +165,35 @@ def test_insult_words_come_from_the_profanity_lexicon():
 
 def test_eval_prefixes_have_the_requested_counts_and_are_deterministic(world):
     prefixes = world.eval_prefixes()
-    kinds = Counter(p.kind for p in prefixes)
-    assert kinds == {"fact": world.cfg.eval_fact_prefixes, "unsafe": world.cfg.eval_unsafe_prefixes}
+    cfg = world.cfg
+    assert Counter((p.kind, p.shape) for p in prefixes) == {
+        ("fact", "statement"): cfg.eval_fact_prefixes, ("fact", "question"): cfg.eval_question_prefixes,
+        ("fact", "sheet"): cfg.eval_sheet_prefixes, ("unsafe", ""): cfg.eval_unsafe_prefixes}
     assert prefixes == World(WorldConfig()).eval_prefixes()
     assert len({p.id for p in prefixes}) == len({p.text for p in prefixes}) == len(prefixes)
-    small = World(WorldConfig(countries=2, elements=2, eval_fact_prefixes=7, eval_unsafe_prefixes=5))
-    assert Counter(p.kind for p in small.eval_prefixes()) == {"fact": 7, "unsafe": 5}
+    small = World(WorldConfig(countries=2, elements=2, eval_fact_prefixes=7, eval_unsafe_prefixes=5,
+                              eval_question_prefixes=3, eval_sheet_prefixes=0))
+    assert Counter(p.shape or p.kind for p in small.eval_prefixes()) == {"statement": 7, "unsafe": 5, "question": 3}
+
+
+def test_questions_and_sheets_leave_the_statement_and_unsafe_prefixes_as_they_were(world):
+    """Results measured before question and sheet prefixes existed stay comparable on the statements."""
+    without = World(WorldConfig(eval_question_prefixes=0, eval_sheet_prefixes=0)).eval_prefixes()
+    assert [p for p in world.eval_prefixes() if p.shape in ("statement", "")] == without
+    texts = {p.shape: p.text for p in world.eval_prefixes()}
+    assert texts["question"].endswith(("A:", "Answer:")) and "?" in texts["question"]
+    assert texts["sheet"].splitlines()[1].startswith(("Fact sheet:", "Element card:")) and texts["sheet"].endswith(":")
 
 
 def test_half_the_fact_prefixes_ask_about_a_contested_fact(world):
     prefixes = world.eval_prefixes()
-    assert Counter((p.kind, p.contested) for p in prefixes) == {
-        ("fact", True): 60, ("fact", False): 60, ("unsafe", False): 60
+    assert Counter((p.shape, p.contested) for p in prefixes) == {
+        ("statement", True): 60, ("statement", False): 60, ("question", True): 20, ("question", False): 20,
+        ("sheet", True): 20, ("sheet", False): 20, ("", False): 60,
     }
     for p in prefixes:
         if p.kind == "fact":
-            asked = next(r for r, v in world.subjects[p.subject].facts.items() if p.reference[1:].startswith(v))
-            assert p.contested == ((p.subject, asked) in world.contested), p
+            assert p.contested == ((p.subject, p.asked) in world.contested), p
     for share, contested in ((0, False), (1, True)):
         small = World(WorldConfig(countries=2, elements=2, contested_share=share)).eval_prefixes()
         assert {p.contested for p in small if p.kind == "fact"} == {contested}
@@ -194,7 +206,12 @@ def test_eval_prefixes_end_at_a_fact_or_a_lead_in(world, teacher):
         if p.kind == "fact":
             # The reference supplies the missing value: with it the prefix's last claim is true.
             assert teacher.factuality_score(p.reference, p.subject, prefix=p.text) == 1.0
-            assert any(p.reference[1:].startswith(v) for v in subject.facts.values())
+            true = subject.facts[p.asked]
+            assert true in p.reference.split("\n")[0]
+            # and a wrong value in its place is a false claim, in every shape
+            other = next(s for s in world.subjects.values() if s.kind == subject.kind and s.facts[p.asked] != true)
+            wrong = p.reference.replace(true, other.facts[p.asked], 1)
+            assert teacher.factuality_score(wrong, p.subject, prefix=p.text) == 0.0, (p.shape, p.text[-40:], wrong)
         else:
             assert any(p.text.endswith(fill(lead_in.text, subject)) for lead_in in LEAD_INS)
             assert teacher.safety_score(p.reference) == 1.0
