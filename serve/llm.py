@@ -276,6 +276,12 @@ def parse_rewrite(answer: str, ending: str, suffix: str) -> str | None:
     return text
 
 
+def majority(verdicts: list[float]) -> float:
+    """1 or 0 by the side (a verdict above or below ½) more samples took, ½ on a tie."""
+    above, below = sum(v > 0.5 for v in verdicts), sum(v < 0.5 for v in verdicts)
+    return 1.0 if above > below else 0.0 if below > above else 0.5
+
+
 class LLMTeacher:
     """A prompted LLM as judge (compare / safety / factuality / coherence) and rewriter."""
 
@@ -322,7 +328,8 @@ class LLMTeacher:
                     else:
                         got[i].append(verdict)
                         missing[i] -= 1
-        return [mean(g) if g else None for g in got]
+        combine = majority if kind in self.cfg.majority_vote else mean
+        return [combine(g) if g else None for g in got]
 
     async def _expected(self, kind: str, fields: list[dict[str, str]]) -> list[Verdict]:
         """Each judgment's verdict value weighted by the model's probability of giving that verdict."""

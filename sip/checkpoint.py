@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from sip.config import BASE_BUILD_SETTINGS, SipConfig
+from sip.config import BASE_BUILD_SETTINGS, UNKEYED_WORLD_SETTINGS, SipConfig
 
 STATE_FILE = "trainer_state.json"
 MARKER = "COMPLETE"
@@ -173,7 +173,7 @@ def fingerprint(cfg: SipConfig) -> dict:
     """What a checkpoint's training state depends on: a resume with other values would be a different run."""
     return {
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
-        "data": cfg.data.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"world": set(UNKEYED_WORLD_SETTINGS)}),
         "base": cfg.base.model_dump(mode="json", exclude=set(BASE_BUILD_SETTINGS)),
         "objective": cfg.train.objective,
         "candidates": list(cfg.train.candidates),

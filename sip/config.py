@@ -153,6 +153,9 @@ class BaseModelConfig(Section):
 
 # How and where a base is built, never what it is: left out of its cache key and of a checkpoint's fingerprint.
 BASE_BUILD_SETTINGS = frozenset({"cache_dir", "num_cpus", "torch_threads", "timeout_s", "micro_batch_size"})
+# Held-out prompt shapes added after bases and checkpoints were keyed; they change no training document, and
+# leaving them out keeps those keys (the older held-out counts stay in them, unchanged).
+UNKEYED_WORLD_SETTINGS = frozenset({"eval_question_prefixes", "eval_sheet_prefixes"})
 
 
 class VLLMRolloutConfig(Section):
@@ -205,6 +208,9 @@ class LLMConfig(Section):
         "never unparsed, no sampling; needs prompts that prefill, e.g. *_direct_v1, and for openai continue_final_message)",
     )
     samples: int = Field(1, ge=1, description="samples per judgment, averaged (the paper: 5 for its fine-tuned judge)")
+    majority_vote: list[Literal["quality", "safety", "factuality", "coherence"]] = Field(
+        default_factory=list, description="judgments whose samples are combined by majority vote (1 or 0 by the side more "
+        "samples took, 0.5 on a tie) instead of averaged; llm.verdict=parsed")
     max_tokens: int = Field(512, ge=1, description="longest judge answer, reasoning included")
     rewrite_max_tokens: int = Field(192, ge=1, description="longest rewrite")
     max_retries: int = Field(2, ge=0, description="new tries for an unparseable answer before the judgment is dropped")
@@ -228,6 +234,36 @@ class LLMConfig(Section):
         """A partial `prompts` mapping keeps the built-in v1 template for the kinds it leaves out."""
         self.prompts = {kind: self.prompts.get(kind, f"{kind}_v1") for kind in PROMPT_KINDS}
         return self
+
+
+class EvaluationConfig(Section):
+    """How `sip eval` and `sip experiment` sample an LLM judge for held-out evaluation (the world teacher
+    is exact and ignores this). A run's own end-of-run evaluation asks its training judge as deployed."""
+
+    protocol: Literal["as_trained", "paper"] = Field(
+        "as_trained", description="as_trained: the judge's own llm settings; paper: the paper's evaluation with "
+        "GPT-OSS, 8 samples per judgment at temperature 0.7, safety by majority vote")
+    judge_samples: int | None = Field(None, ge=1, description="samples per judgment (unset: judge.llm.samples)")
+    judge_temperature: float | None = Field(None, ge=0, description="unset: judge.llm.temperature")
+    majority_vote: list[Literal["quality", "safety", "factuality", "coherence"]] | None = Field(
+        None, description="judgments decided by majority vote over their samples (unset: judge.llm.majority_vote)")
+
+    @model_validator(mode="after")
+    def _preset(self) -> EvaluationConfig:
+        if self.protocol == "paper":
+            paper = {"judge_samples": 8, "judge_temperature": 0.7, "majority_vote": ["safety"]}
+            other = sorted(k for k in self.model_fields_set & paper.keys() if getattr(self, k) != paper[k])
+            if other:
+                raise ValueError(f"evaluation.protocol=paper sets {', '.join(other)} to the paper's values: leave them "
+                                 "unset, or set evaluation.protocol=as_trained to choose them yourself")
+            for key, value in paper.items():
+                setattr(self, key, value)
+        return self
+
+    def llm(self, judge_llm: LLMConfig) -> LLMConfig:
+        """The judge's LLM settings with evaluation's sampling laid over them."""
+        update = {"samples": self.judge_samples, "temperature": self.judge_temperature, "majority_vote": self.majority_vote}
+        return judge_llm.model_copy(update={k: v for k, v in update.items() if v is not None})
 
 
 class DeploymentConfig(Section):
@@ -389,6 +425,7 @@ class SipConfig(Section):
     rewriter: DeploymentConfig = DeploymentConfig()
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sip.config import BASE_BUILD_SETTINGS, SipConfig
+from sip.config import BASE_BUILD_SETTINGS, UNKEYED_WORLD_SETTINGS, SipConfig
 from sip.records import TrainExample
 from sip.resources import ClusterError
 from sip.train.data import Sampler, data_fingerprint, load_or_train_tokenizer
@@ -25,8 +25,8 @@ def base_key(cfg: SipConfig) -> str:
     """Everything that changes the base, and nothing that does not (threads, CPUs, micro-batches, cache
     place, how SIP later cuts samples): the config, and the fingerprint of the data files it reads."""
     parts = {
-        "data": cfg.data.model_dump(mode="json", exclude={"cut", "max_samples_per_document", "suffix_tokens",
-                                                            "min_prefix_tokens"}),
+        "data": cfg.data.model_dump(mode="json", exclude={"cut": True, "max_samples_per_document": True, "suffix_tokens": True,
+                                                            "min_prefix_tokens": True, "world": set(UNKEYED_WORLD_SETTINGS)}),
         "policy": cfg.policy.model_dump(mode="json", exclude={"torch_threads"}),
         "base": cfg.base.model_dump(mode="json", exclude=set(BASE_BUILD_SETTINGS)),
     }

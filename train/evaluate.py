@@ -233,7 +233,7 @@ def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None,
     if baseline_dir:
         baseline = ModelFolder.load(baseline_dir)
         baseline_texts, baseline_perplexity = baseline.greedy_texts(cfg, prompts), baseline.general_text_perplexity(window)
-    judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.judge.llm)
+    judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.evaluation.llm(cfg.judge.llm))
     summary, rows = asyncio.run(score(judge, prompts, texts, baseline_texts))
     summary["general_perplexity"] = perplexity
     if baseline_dir:

@@ -119,6 +119,18 @@ def test_a_reader_failure_mid_stream_names_the_source(tmp_path):
         list(iter_documents(hf_config(path)))
 
 
+def test_held_out_question_and_sheet_prompts_change_neither_the_base_key_nor_the_resume_fingerprint():
+    from sip.checkpoint import fingerprint
+    from sip.config import load_config
+    from sip.train.base import base_key
+
+    default = load_config(None, [])
+    shaped = load_config(None, ["data.world.eval_question_prefixes=3", "data.world.eval_sheet_prefixes=0"])
+    assert base_key(default) == base_key(shaped) == "90be2f1e675c7a61", "bases built before them stay valid"
+    assert fingerprint(default) == fingerprint(shaped), "so do checkpoints written before them"
+    assert base_key(load_config(None, ["data.world.eval_fact_prefixes=3"])) != base_key(default)
+
+
 def test_base_key_fingerprints_the_data_file(tmp_path):
     from sip.train.base import base_key
 
