@@ -94,12 +94,19 @@ def rollout_like(passage: Passage, others: list[str], rng: random.Random) -> str
     return " " + " ".join(words)
 
 
-def trial_set(teacher: WorldTeacher, passages, k: int, seed: int):
+def trial_set(teacher: WorldTeacher, passages, k: int, seed: int, distinct: bool = False):
+    """Each passage's candidates; with `distinct`, rollout-like texts are drawn again until no two
+    candidates are the same (a sampled policy's rollouts mostly differ; the world's draws often repeat)."""
     rng = random.Random(f"{seed}:{k}")
     rewrites = asyncio.run(teacher.rewrite([p for p, _ in passages]))
     sets = []
     for (passage, others), rewrite in zip(passages, rewrites, strict=True):
-        texts = [passage.suffix, rewrite] + [rollout_like(passage, others, rng) for _ in range(k)]
+        texts = [passage.suffix, rewrite]
+        for _ in range(k):
+            text = rollout_like(passage, others, rng)
+            while distinct and text in texts:
+                text = rollout_like(passage, others, rng)
+            texts.append(text)
         sets.append((passage, texts))
     return sets
 
@@ -139,17 +146,19 @@ def main() -> None:
     ap.add_argument("--ks", default="4,8,16", help="rollouts per prefix (candidates = suffix + rewrite + K)")
     ap.add_argument("--noise", default="0,0.1,0.2,0.3", help="flip probabilities")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distinct", action="store_true", help="no two candidates of a prefix alike")
     ap.add_argument("overrides", nargs="*", help="judge settings for every protocol, e.g. judge.tournament_finalists=3")
     args = ap.parse_args()
     teacher = WorldTeacher.from_config(DataConfig())
     passages = prefixes(args.prefixes, args.seed)
-    print(f"{args.prefixes} world prefixes x {args.repeats} noise draws; candidates = suffix + rewrite + K; "
-          f"bias: first option wins ties and {CLOSE_BIAS:.0%} of calls within {CLOSE}\n")
+    print(f"{args.prefixes} world prefixes x {args.repeats} noise draws; candidates = suffix + rewrite + K"
+          f"{', all distinct' if args.distinct else ''}; bias: first option wins ties and {CLOSE_BIAS:.0%} of calls "
+          f"within {CLOSE}; {' '.join(args.overrides) or 'default judge settings'}\n")
     print("| K | n | protocol | noise | calls/prefix | chosen truly best | rejected truly worst | chosen rank "
           "| rejected rank (from worst) | true gap (max) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(x) for x in args.ks.split(",")):
-        sets = trial_set(teacher, passages, k, args.seed)
+        sets = trial_set(teacher, passages, k, args.seed, args.distinct)
         true = {(p.prefix, t): teacher.quality_score(p.prefix, t, p.truth["subject"]) for p, texts in sets for t in texts}
         for protocol in PROTOCOLS:
             for noise in (float(x) for x in args.noise.split(",")):

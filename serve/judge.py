@@ -6,7 +6,8 @@ Quality is pairwise, by one of three protocols (`judge.pairwise`):
   whose pivot is missing (its rewrite came back empty) has no quality score: the protocol is never
   swapped for another behind the user's back;
 - tournament: Swiss rounds, then a playoff among the leaders and one among the last, to find the
-  best and the worst with a fraction of the comparisons (at 18 texts at most 51, round robin 153);
+  best and the worst within a share of round robin's comparisons (`judge.tournament_budget`, a
+  third by default: at 18 texts at most 51, round robin 153);
   a candidate's quality is its place in the final standing, as the share of the other candidates it
   finished above (a tie with one counts ½): 1 the champion, 0 the last, in [0, 1] like a win rate,
   which it equals for a noise-free judge that ranks every text apart. Only the ends are decided with
@@ -99,12 +100,18 @@ def _swiss_pairs(points: list[float], tiebreak: list[float], played: set[frozens
     return pairs
 
 
-def tournament_calls(m: int, cfg: JudgeConfig, worst: bool = True) -> int:
-    """The most comparisons the tournament's Swiss rounds and playoffs can ask for m distinct texts
-    (`worst`: the bottom playoff too)."""
+def tournament_plan(m: int, cfg: JudgeConfig) -> tuple[int, int] | None:
+    """(Swiss rounds, finalists) for m distinct texts: the most finalists (from judge.tournament_finalists
+    down to 2), then the most rounds (at least 2, at most judge.tournament_rounds if set), whose comparisons
+    with both playoffs fit in judge.tournament_budget x round robin's; None when nothing fits (few texts:
+    a round robin instead)."""
     orders = 2 if cfg.both_orders else 1
-    t = cfg.tournament_finalists
-    return min(cfg.tournament_rounds, m - 1) * (m // 2) * orders + (1 + worst) * t * (t - 1)
+    budget = cfg.tournament_budget * orders * m * (m - 1) / 2
+    for t in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
+        rounds = min(cfg.tournament_rounds or m - 1, m - 1, int((budget - 2 * t * (t - 1)) // ((m // 2) * orders)))
+        if rounds >= 2:
+            return rounds, t
+    return None
 
 
 def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True):
@@ -112,24 +119,24 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
 
     Every round pairs texts with equal records (one comparison each, in a random order, so position
     bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
-    instead of knocking it out. After `tournament_rounds` rounds the top and the bottom
-    `tournament_finalists` of the standing each play a round robin in both orders (a pair met in
-    the Swiss rounds is asked only in its other order). The final standing puts the top playoff
-    above the rest above the bottom playoff, each ranked by all the points it scored. Without
-    `worst` (the objective trains on the best alone) the bottom playoff is not played. Where that
-    could ask as many comparisons as round robin (few texts), it is a round robin in random orders.
+    instead of knocking it out. After the planned rounds the top and the bottom finalists of the
+    standing each play a round robin in both orders (a pair met in the Swiss rounds is asked only in
+    its other order). The final standing puts the top playoff above the rest above the bottom
+    playoff, each ranked by all the points it scored. Without `worst` (the objective trains on the
+    best alone) the bottom playoff is not played. Where no plan fits the budget (few texts), it is a
+    round robin in random orders.
     """
-    # also whenever the two playoffs would overlap (m < 2 * finalists): then the playoffs alone cost that much
-    if tournament_calls(m, cfg, worst) >= m * (m - 1) // 2:
+    plan = tournament_plan(m, cfg)
+    if plan is None:
         return (yield from _round_robin(m, cfg.both_orders, rng=rng))
+    rounds, t = plan
     swiss = [0.0] * m
     tiebreak = [rng.random() for _ in range(m)]
     played: set[frozenset[int]] = set()
-    for _ in range(min(cfg.tournament_rounds, m - 1)):
+    for _ in range(rounds):
         asked = _orders(_random_order(_swiss_pairs(swiss, tiebreak, played), rng), cfg.both_orders)
         _tally(swiss, asked, (yield asked))
     order = sorted(range(m), key=lambda u: (-swiss[u], tiebreak[u]))
-    t = cfg.tournament_finalists
     top, bottom = order[:t], order[-t:] if worst else []
     asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
     playoff = [0.0] * m

@@ -308,10 +308,14 @@ class JudgeConfig(DeploymentConfig):
     )
     pivot: Literal["suffix", "rewrite"] = "suffix"
     both_orders: bool = Field(False, description="judge every pair in both orders to cancel position bias (2x calls)")
-    tournament_rounds: int = Field(3, ge=1, description="tournament: Swiss rounds before the playoffs")
+    tournament_rounds: int | None = Field(
+        None, ge=2, description="tournament: the most Swiss rounds before the playoffs; unset: as many as the budget allows")
     tournament_finalists: int = Field(
-        4, ge=2, description="tournament: texts in the top and in the bottom playoff, each a round robin in both orders"
+        4, ge=2, description="tournament: the most texts in the top and in the bottom playoff, each a round robin in both orders"
     )
+    tournament_budget: float = Field(
+        1 / 3, gt=0, le=1, description="tournament: the most comparisons it may ask, as a share of round robin's; the "
+        "rounds and finalists are cut to fit, and texts too few to fit 2 rounds and 2 finalists get a round robin")
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,
         description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",

@@ -63,6 +63,20 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
     assert rr.calls == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
 
 
+@pytest.mark.parametrize("budget", [1 / 3, 0.5])
+def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_robin_only_for_few_texts(budget):
+    cfg = judge("judge.pairwise=tournament", f"judge.tournament_budget={budget}")
+    for n in range(2, 41):
+        texts, score = distinct_texts(n, n)
+        for worst in (True, False):
+            [r] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts, needs_worst=worst)], cfg))
+            if r.calls < n * (n - 1) // 2:
+                assert r.calls <= budget * n * (n - 1) / 2, (n, worst)
+            else:
+                assert n <= 12, "a round robin only where no tournament fits the budget"
+            assert texts[r.reward.index(1.0)] == max(texts, key=score.get)
+
+
 def test_when_only_the_best_is_needed_the_bottom_playoff_is_not_played():
     for seed in range(10):
         texts, score = distinct_texts(18, seed)
@@ -150,13 +164,13 @@ def test_on_world_text_the_tournament_chooses_what_the_world_teacher_scores_high
         words = doc.text.split()
         passage = Passage(" ".join(words[:30]), " " + " ".join(words[30:50]), {"subject": doc.subject})
         own = passage.suffix.split()
-        salads = [rng.sample(own, len(own)) for _ in range(4)]
-        loops = [(own[:k] * 20)[: len(own)] for k in (2, 3, 4)]
-        elsewhere = [other.text.split()[k : k + len(own)] for k in (0, 7, 15, 30)]
+        salads = [rng.sample(own, len(own)) for _ in range(5)]
+        loops = [(own[:k] * 20)[: len(own)] for k in (2, 3, 4, 5)]
+        elsewhere = [other.text.split()[k : k + len(own)] for k in (0, 7, 15, 30, 45)]
         candidates = [passage.suffix] + [" " + " ".join(w) for w in salads + loops + elsewhere]
-        assert len(set(candidates)) == 12
+        assert len(set(candidates)) == 15
         truth = [teacher.quality_score(passage.prefix, c, doc.subject) for c in candidates]
         [r] = asyncio.run(score_tasks(teacher, [JudgeTask(passage, candidates)], judge("judge.pairwise=tournament")))
         chosen, rejected = r.reward.index(max(r.reward)), r.reward.index(min(r.reward))
         assert truth[chosen] >= max(truth) - 0.05 and truth[rejected] <= min(truth) + 0.05  # the teacher ties closer texts
-        assert r.calls < 12 * 11 // 2
+        assert r.calls <= 15 * 14 // 2 / 3
