@@ -102,14 +102,15 @@ def _swiss_pairs(points: list[float], tiebreak: list[float], played: set[frozens
 
 def tournament_plan(m: int, cfg: JudgeConfig) -> tuple[int, int] | None:
     """(Swiss rounds, finalists) for m distinct texts: the most finalists (from judge.tournament_finalists
-    down to 2), then the most rounds (at least 2, at most judge.tournament_rounds if set), whose comparisons
-    with both playoffs fit in judge.tournament_budget x round robin's; None when nothing fits (few texts:
-    a round robin instead)."""
+    down to 2), then the most rounds (at most judge.tournament_rounds if set), whose comparisons with both
+    playoffs fit in judge.tournament_budget x round robin's, and after which no more texts can be unbeaten
+    (or winless) than a playoff holds, so a judge without errors always finds the best and the worst; None
+    when nothing fits (few texts: a round robin instead)."""
     orders = 2 if cfg.both_orders else 1
     budget = cfg.tournament_budget * orders * m * (m - 1) / 2
     for t in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
         rounds = min(cfg.tournament_rounds or m - 1, m - 1, int((budget - 2 * t * (t - 1)) // ((m // 2) * orders)))
-        if rounds >= 2:
+        if rounds >= 1 and -(-m // 2**rounds) <= t:
             return rounds, t
     return None
 

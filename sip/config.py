@@ -315,7 +315,8 @@ class JudgeConfig(DeploymentConfig):
     )
     tournament_budget: float = Field(
         1 / 3, gt=0, le=1, description="tournament: the most comparisons it may ask, as a share of round robin's; the "
-        "rounds and finalists are cut to fit, and texts too few to fit 2 rounds and 2 finalists get a round robin")
+        "rounds and finalists are cut to fit, and a sample too small for a plan that fits (11 or fewer distinct texts at a "
+        "third) gets a round robin")
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,
         description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",
