@@ -84,19 +84,39 @@ def _tally(points: list[float], asked: list[tuple[int, int]], verdicts: list[Ver
         points[b] += 0.0 if v is None else 1 - v
 
 
-def _swiss_pairs(points: list[float], tiebreak: list[float], played: set[frozenset[int]]) -> list[tuple[int, int]]:
-    """Neighbours in the standing play each other, avoiding rematches where a later neighbour allows;
-    with an odd count the middle text sits the round out (it can be neither best nor worst)."""
-    order = sorted(range(len(points)), key=lambda u: (-points[u], tiebreak[u]))
-    if len(order) % 2:
-        order.pop(len(order) // 2)
-    pairs = []
-    while order:
-        a = order.pop(0)
-        k = next((k for k, b in enumerate(order) if frozenset((a, b)) not in played), 0)
-        b = order.pop(k)
+def _record(wins: list[float], losses: list[float], asked: list[tuple[int, int]], verdicts: list[Verdict]) -> None:
+    for (a, b), v in zip(asked, verdicts, strict=True):
+        if v is None:  # a loss for both sides: dodging a comparison never keeps a text unbeaten (or winless)
+            losses[a] += 1
+            losses[b] += 1
+        else:
+            wins[a], losses[a] = wins[a] + v, losses[a] + 1 - v
+            wins[b], losses[b] = wins[b] + 1 - v, losses[b] + v
+
+
+def _swiss_pairs(wins: list[float], losses: list[float], tiebreak: list[float],
+                 played: set[frozenset[int]]) -> list[tuple[int, int]]:
+    """One round's pairs, from both ends of the standing in turn: the texts with the fewest losses meet
+    each other, and so do those with the fewest wins, each with the nearest one it has not met where
+    one is left. With an odd count the text left over also meets its nearest unmet text, so no text
+    sits a round out (one that did could be the best and fall behind the unbeaten)."""
+    m = len(wins)
+    top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))
+    bottom = sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u]))
+    free, pairs = set(range(m)), []
+
+    def meet(a: int, candidates: list[int]) -> None:
+        b = next((u for u in candidates if frozenset((a, u)) not in played), candidates[0])
         played.add(frozenset((a, b)))
         pairs.append((a, b))
+
+    for turn in range(m // 2):
+        a, *rest = [u for u in (top if turn % 2 == 0 else bottom) if u in free]
+        meet(a, rest)
+        free.difference_update(pairs[-1])
+    if free:
+        (a,) = free
+        meet(a, sorted((u for u in range(m) if u != a), key=lambda u: abs(top.index(u) - top.index(a))))
     return pairs
 
 
@@ -108,8 +128,9 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> tuple[int, int] | None:
     when nothing fits (few texts: a round robin instead)."""
     orders = 2 if cfg.both_orders else 1
     budget = cfg.tournament_budget * orders * m * (m - 1) / 2
+    per_round = (m + 1) // 2 * orders
     for t in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
-        rounds = min(cfg.tournament_rounds or m - 1, m - 1, int((budget - 2 * t * (t - 1)) // ((m // 2) * orders)))
+        rounds = min(cfg.tournament_rounds or m - 1, m - 1, int((budget - 2 * t * (t - 1)) // per_round))
         if rounds >= 1 and -(-m // 2**rounds) <= t:
             return rounds, t
     return None
@@ -120,25 +141,25 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
 
     Every round pairs texts with equal records (one comparison each, in a random order, so position
     bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
-    instead of knocking it out. After the planned rounds the top and the bottom finalists of the
-    standing each play a round robin in both orders (a pair met in the Swiss rounds is asked only in
-    its other order). The final standing puts the top playoff above the rest above the bottom
-    playoff, each ranked by all the points it scored. Without `worst` (the objective trains on the
-    best alone) the bottom playoff is not played. Where no plan fits the budget (few texts), it is a
-    round robin in random orders.
+    instead of knocking it out. After the planned rounds the texts with the fewest losses and those
+    with the fewest wins each play a round robin in both orders (a pair met in the Swiss rounds is
+    asked only in its other order). The final standing puts the top playoff above the rest above the
+    bottom playoff, each ranked by its playoff points and then its record (wins − losses). Without
+    `worst` (the objective trains on the best alone) the bottom playoff is not played. Where no plan
+    fits the budget (few texts), it is a round robin in random orders.
     """
     plan = tournament_plan(m, cfg)
     if plan is None:
         return (yield from _round_robin(m, cfg.both_orders, rng=rng))
     rounds, t = plan
-    swiss = [0.0] * m
+    wins, losses = [0.0] * m, [0.0] * m
     tiebreak = [rng.random() for _ in range(m)]
     played: set[frozenset[int]] = set()
     for _ in range(rounds):
-        asked = _orders(_random_order(_swiss_pairs(swiss, tiebreak, played), rng), cfg.both_orders)
-        _tally(swiss, asked, (yield asked))
-    order = sorted(range(m), key=lambda u: (-swiss[u], tiebreak[u]))
-    top, bottom = order[:t], order[-t:] if worst else []
+        asked = _orders(_random_order(_swiss_pairs(wins, losses, tiebreak, played), rng), cfg.both_orders)
+        _record(wins, losses, asked, (yield asked))
+    top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))[:t]
+    bottom = [u for u in sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u])) if u not in top][:t] if worst else []
     asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
     playoff = [0.0] * m
     _tally(playoff, asked, (yield asked))
@@ -147,7 +168,7 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
         group[u] = 2
     for u in bottom:
         group[u] = 0
-    standing = [(group[u], playoff[u] + swiss[u]) for u in range(m)]
+    standing = [(group[u], playoff[u], wins[u] - losses[u]) for u in range(m)]
     return [
         (sum(s < standing[u] for s in standing) + 0.5 * (sum(s == standing[u] for s in standing) - 1)) / (m - 1)
         for u in range(m)

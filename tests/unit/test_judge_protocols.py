@@ -3,6 +3,7 @@ worst with at most a third of round robin's comparisons, judges copies of a text
 round over the tasks, and never lets a failed comparison win (serve/judge.py)."""
 
 import asyncio
+import itertools
 import random
 from itertools import islice
 
@@ -65,16 +66,19 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
 
 @pytest.mark.parametrize("budget", [1 / 3, 0.5])
 def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_robin_only_for_few_texts(budget):
+    """...and an error-free judge always finds the best and the worst, whatever the count of texts."""
     cfg = judge("judge.pairwise=tournament", f"judge.tournament_budget={budget}")
-    for n in range(2, 41):
-        texts, score = distinct_texts(n, n)
+    for n, seed in itertools.product(range(2, 41), range(4)):
+        texts, score = distinct_texts(n, 100 * n + seed)
         for worst in (True, False):
             [r] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts, needs_worst=worst)], cfg))
             if r.calls < n * (n - 1) // 2:
                 assert r.calls <= budget * n * (n - 1) / 2, (n, worst)
             else:
                 assert n <= 12, "a round robin only where no tournament fits the budget"
-            assert texts[r.reward.index(1.0)] == max(texts, key=score.get)
+            assert texts[r.reward.index(1.0)] == max(texts, key=score.get), (n, seed, worst)
+            if worst:
+                assert texts[r.reward.index(0.0)] == min(texts, key=score.get), (n, seed)
 
 
 def test_when_only_the_best_is_needed_the_bottom_playoff_is_not_played():
