@@ -77,6 +77,10 @@ def eval_model(
     from sip.train.evaluate import evaluate_folders, markdown_report, reported, run_start, write_rows
 
     start_dir = None if start == "none" else start or run_start(model)
+    if start is None and start_dir and not (Path(start_dir) / "config.json").exists():  # e.g. a hub id
+        console.print(f"the run started from {start_dir}, not a local model folder: no win rates against it "
+                      "(--start DIR names one)", markup=False)
+        start_dir = None
     for folder in filter(None, (model, baseline, start_dir and Path(start_dir))):
         if not (folder / "config.json").exists():
             raise fail(f"{folder} is not a Hugging Face model folder (no config.json)", 2)

@@ -141,6 +141,12 @@ def test_sip_eval_finds_a_checkpoints_start_and_reports_win_rates_against_it_and
     assert 0 <= result["by_shape"]["question"]["checkable_rate"] <= 1
     (run / "config.yaml").write_text(yaml.safe_dump({"policy": {"init": "scratch"}}))
     assert run_start(checkpoint) is None
+    (run / "config.yaml").write_text(yaml.safe_dump({"policy": {"init": "HuggingFaceTB/SmolLM2-135M"}}))  # not a folder
+    out = tmp_path / "eval_hub"
+    proc = subprocess.run([sys.executable, "-m", "sip.train", "eval", "-m", str(checkpoint), "-o", str(out), *TINY],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "not a local model folder" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert json.loads((out / "eval.json").read_text())["start"] is None
 
 
 def test_sip_eval_rejects_a_folder_that_is_not_a_model(tmp_path):
