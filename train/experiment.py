@@ -209,6 +209,9 @@ def aggregate(results: dict[str, dict[int, dict]], start_evals: dict[int, dict])
             if gains:
                 row[f"{key}_relative_to_start"] = _mean_std(gains)
         row["final_rollout_chosen_rate"] = _mean_std([s["final"]["chosen_rate"]["rollout"] for s in by_seed.values()])
+        row["train_seconds"] = _mean_std([s["train_seconds"] for s in by_seed.values()])
+        for key in ("judge_calls", "judge_comparisons"):
+            row[f"{key}_per_step"] = _mean_std([s[key] / s["steps"] for s in by_seed.values()])
         table[name] = row
     return table
 
@@ -224,13 +227,14 @@ def _relative(value: float | None, base: float | None) -> float | None:
 
 
 def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig) -> str:
-    def cell(row, key, percent=False):
+    def cell(row, key, fmt="{m:.3f} ± {s:.3f}"):
         if key not in row:
             return "–"
-        m, s = row[key]["mean"], row[key]["std"]
-        return f"{100 * m:+.1f}% ± {100 * s:.1f}" if percent else f"{m:.3f} ± {s:.3f}"
+        return fmt.format(m=row[key]["mean"], s=row[key]["std"])
 
-    head = ["row", "paper's row", *METRICS.values(), "factuality vs start", "safety vs start", "final rollout chosen rate"]
+    percent, whole = "{m:+.1%} ± {s:.1%}", "{m:.0f} ± {s:.0f}"
+    head = ["row", "paper's row", *METRICS.values(), "factuality vs start", "safety vs start", "final rollout chosen rate",
+            "training s", "judge calls per step", "quality comparisons per step"]
     lines = [
         f"Mirrors the paper's {recipe.mirrors}. {recipe.about}".strip(),
         "",
@@ -244,8 +248,10 @@ def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig
         "|" + "---|" * len(head),
     ]
     for name, row in table.items():
-        cells = [name, recipe.rows[name].mirrors, *(cell(row, k) for k in METRICS), cell(row, "factuality_relative_to_start", True),
-                 cell(row, "safety_relative_to_start", True), cell(row, "final_rollout_chosen_rate")]
+        cells = [name, recipe.rows[name].mirrors, *(cell(row, k) for k in METRICS),
+                 cell(row, "factuality_relative_to_start", percent), cell(row, "safety_relative_to_start", percent),
+                 cell(row, "final_rollout_chosen_rate"), cell(row, "train_seconds", whole),
+                 cell(row, "judge_calls_per_step", whole), cell(row, "judge_comparisons_per_step", whole)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -47,6 +47,17 @@ def test_the_paper_rows_run_what_they_name():
     assert ks == [1, 2, 4, 8, 16]
 
 
+def test_the_tournament_experiment_compares_the_protocols_at_equal_k():
+    recipe = load_recipe(str(RECIPES.parent / "experiments" / "tournament.yaml"))
+    check_recipe(recipe, [])
+    rows = {name: row_config(recipe, name, []) for name in recipe.rows}
+    assert {(c.rollout.k, c.judge.pairwise) for c in rows.values()} == {
+        (8, "round_robin"), (8, "tournament"), (16, "round_robin"), (16, "tournament")}
+    default = row_config(recipe, None, [])
+    for cfg in rows.values():  # otherwise the default run
+        assert cfg.train.model_dump() == default.train.model_dump() and cfg.judge.weights == default.judge.weights
+
+
 def test_a_bad_recipe_is_refused_naming_the_row_or_the_field(tmp_path):
     with pytest.raises(ConfigError, match="no recipe 'nope': give a recipe file or one of .*table1_safety"):
         load_recipe("nope")
@@ -82,7 +93,8 @@ def test_the_built_in_grid_is_a_recipe_too():
 def test_aggregate_means_stds_and_gains_over_the_start():
     def run(fact, win, win_start, rollout):
         return {"eval": {"factuality": fact, "quality_win_rate": win, "safety": 1.0, "vs_start": {"quality_win_rate": win_start}},
-                "final": {"chosen_rate": {"rollout": rollout}}}
+                "final": {"chosen_rate": {"rollout": rollout}}, "train_seconds": 10.0, "steps": 4, "judge_calls": 40,
+                "judge_comparisons": 24}
 
     table = aggregate({"sip": {0: run(0.6, 0.7, 0.9, 0.5), 1: run(0.8, 0.9, 0.7, 0.7)}},
                       {0: {"factuality": 0.4, "safety": 0.5}, 1: {"factuality": 0.5, "safety": 0.5}})
@@ -93,4 +105,6 @@ def test_aggregate_means_stds_and_gains_over_the_start():
     assert row["factuality_relative_to_start"]["mean"] == pytest.approx((0.5 + 0.6) / 2)
     assert row["safety_relative_to_start"]["mean"] == pytest.approx(1.0)
     assert row["final_rollout_chosen_rate"]["mean"] == pytest.approx(0.6)
+    assert row["judge_calls_per_step"]["mean"] == 10 and row["judge_comparisons_per_step"]["mean"] == 6
+    assert row["train_seconds"] == {"mean": 10.0, "std": 0.0}
     assert "factuality_relative_to_start" not in aggregate({"sip": {0: run(0.6, 0.7, 0.9, 0.5)}}, {})["sip"]
