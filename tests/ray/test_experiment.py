@@ -36,6 +36,8 @@ def test_a_recipe_runs_its_rows_and_reports_against_the_start_model(tmp_path):
     for row in table.values():
         assert 0 <= row["vs_start.quality_win_rate"]["mean"] <= 1 and "factuality_relative_to_start" in row
     assert table["ntp"]["quality_win_rate"]["mean"] == 0.5, "the baseline row against itself ties"
+    assert table["ntp"]["judge_calls_per_step"]["mean"] == 0 < table["sip"]["judge_comparisons_per_step"]["mean"]
+    assert table["sip"]["judge_calls_per_step"]["mean"] >= table["sip"]["judge_comparisons_per_step"]["mean"]
     start = json.loads((out / "start_seed_0.json").read_text())
     assert start["prompts"] == 14 and "vs_start" not in start
     assert json.loads((out / "sip" / "seed_0" / "summary.json").read_text())["base"]["steps"] == 3
