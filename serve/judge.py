@@ -142,8 +142,8 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
     Every round pairs texts with equal records (one comparison each, in a random order, so position
     bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
     instead of knocking it out. After the planned rounds the texts with the fewest losses and those
-    with the fewest wins each play a round robin in both orders (a pair met in the Swiss rounds is
-    asked only in its other order). The final standing puts the top playoff above the rest above the
+    with the fewest wins each play a round robin in both orders (a pair met in the Swiss rounds
+    is asked again in both). The final standing puts the top playoff above the rest above the
     bottom playoff, each ranked by its playoff points and then its record (wins − losses). Without
     `worst` (the objective trains on the best alone) the bottom playoff is not played. Where no plan
     fits the budget (few texts), it is a round robin in random orders.
