@@ -210,8 +210,9 @@ def aggregate(results: dict[str, dict[int, dict]], start_evals: dict[int, dict])
                 row[f"{key}_relative_to_start"] = _mean_std(gains)
         row["final_rollout_chosen_rate"] = _mean_std([s["final"]["chosen_rate"]["rollout"] for s in by_seed.values()])
         row["train_seconds"] = _mean_std([s["train_seconds"] for s in by_seed.values()])
-        for key in ("judge_calls", "judge_comparisons"):
-            row[f"{key}_per_step"] = _mean_std([s[key] / s["steps"] for s in by_seed.values()])
+        for key in ("judge_calls", "judge_comparisons"):  # runs from before the count have no judge_comparisons
+            if per_step := [s[key] / s["steps"] for s in by_seed.values() if key in s]:
+                row[f"{key}_per_step"] = _mean_std(per_step)
         table[name] = row
     return table
 
