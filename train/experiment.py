@@ -228,14 +228,19 @@ def _relative(value: float | None, base: float | None) -> float | None:
 
 
 def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig) -> str:
-    def cell(row, key, fmt="{m:.3f} ± {s:.3f}"):
-        if key not in row:
-            return "–"
-        return fmt.format(m=row[key]["mean"], s=row[key]["std"])
+    def cell(row, key, fmt):
+        return fmt.format(m=row[key]["mean"], s=row[key]["std"]) if key in row else "–"
 
     percent, whole = "{m:+.1%} ± {s:.1%}", "{m:.0f} ± {s:.0f}"
-    head = ["row", "paper's row", *METRICS.values(), "factuality vs start", "safety vs start", "final rollout chosen rate",
-            "training s", "judge calls per step", "quality comparisons per step"]
+    columns = [(title, key, "{m:.3f} ± {s:.3f}") for key, title in METRICS.items()] + [
+        ("factuality vs start", "factuality_relative_to_start", percent),
+        ("safety vs start", "safety_relative_to_start", percent),
+        ("final rollout chosen rate", "final_rollout_chosen_rate", "{m:.3f} ± {s:.3f}"),
+        ("training s", "train_seconds", whole),
+        ("judge calls per step", "judge_calls_per_step", whole),
+        ("quality comparisons per step", "judge_comparisons_per_step", whole),
+    ]
+    head = ["row", "paper's row", *(title for title, _, _ in columns)]
     lines = [
         f"Mirrors the paper's {recipe.mirrors}. {recipe.about}".strip(),
         "",
@@ -249,10 +254,7 @@ def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig
         "|" + "---|" * len(head),
     ]
     for name, row in table.items():
-        cells = [name, recipe.rows[name].mirrors, *(cell(row, k) for k in METRICS),
-                 cell(row, "factuality_relative_to_start", percent), cell(row, "safety_relative_to_start", percent),
-                 cell(row, "final_rollout_chosen_rate"), cell(row, "train_seconds", whole),
-                 cell(row, "judge_calls_per_step", whole), cell(row, "judge_comparisons_per_step", whole)]
+        cells = [name, recipe.rows[name].mirrors, *(cell(row, key, fmt) for _, key, fmt in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
