@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from itertools import combinations
 from statistics import mean
+from typing import NamedTuple
 
 from ray import serve
 
@@ -95,45 +96,83 @@ def _record(wins: list[float], losses: list[float], asked: list[tuple[int, int]]
 
 
 def _swiss_pairs(wins: list[float], losses: list[float], tiebreak: list[float],
-                 played: set[frozenset[int]]) -> list[tuple[int, int]]:
+                 played: set[frozenset[int]], limit: int | None = None) -> list[tuple[int, int]]:
     """One round's pairs, from both ends of the standing in turn: the texts with the fewest losses meet
     each other, and so do those with the fewest wins, each with the nearest one it has not met where
     one is left. With an odd count the text left over also meets its nearest unmet text, so no text
-    sits a round out (one that did could be the best and fall behind the unbeaten)."""
+    sits a round out (one that did could be the best and fall behind the unbeaten). With `limit`, a
+    partial round: only the first `limit` pairs, which alternate between the two ends."""
     m = len(wins)
     top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))
     bottom = sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u]))
     free, pairs = set(range(m)), []
+    limit = m if limit is None else limit
 
     def meet(a: int, candidates: list[int]) -> None:
         b = next((u for u in candidates if frozenset((a, u)) not in played), candidates[0])
         played.add(frozenset((a, b)))
         pairs.append((a, b))
 
-    for turn in range(m // 2):
+    for turn in range(min(m // 2, limit)):
         a, *rest = [u for u in (top if turn % 2 == 0 else bottom) if u in free]
         meet(a, rest)
         free.difference_update(pairs[-1])
-    if free:
+    if free and len(pairs) < limit:
         (a,) = free
         meet(a, sorted((u for u in range(m) if u != a), key=lambda u: abs(top.index(u) - top.index(a))))
     return pairs
 
 
-def tournament_plan(m: int, cfg: JudgeConfig) -> tuple[int, int] | None:
-    """(Swiss rounds, finalists) for m distinct texts: the most finalists (from judge.tournament_finalists
-    down to 2), then the most rounds (at most judge.tournament_rounds if set), whose comparisons with both
-    playoffs fit in judge.tournament_budget x round robin's, and after which no more texts can be unbeaten
-    (or winless) than a playoff holds, so a judge without errors always finds the best and the worst; None
-    when nothing fits (few texts: a round robin instead)."""
+class TournamentPlan(NamedTuple):
+    rounds: int  # full Swiss rounds
+    extra_pairs: int  # pairs of one more, partial round, taken from the two ends of the standing
+    top: int  # finalists in the top playoff
+    bottom: int  # finalists in the bottom playoff
+
+
+def _playoff_comparisons(t: int, orders: int) -> int:
+    """A playoff of t texts asks each pair once (in both orders with judge.both_orders), then, in one order,
+    the two leaders again in the order they have not met in."""
+    return orders * t * (t - 1) // 2 + (orders == 1)
+
+
+def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
+    """The plan for m distinct texts: the most top finalists (judge.tournament_finalists down to 2), then the
+    most bottom finalists (judge.tournament_bottom_finalists down to 2), whose playoffs leave enough of the
+    budget (judge.tournament_budget x round robin's) for Swiss rounds after which no more texts can be
+    unbeaten (or winless) than each playoff holds, so a judge without errors always finds the best and the
+    worst. The Swiss rounds take the rest of the budget: full rounds (at most judge.tournament_rounds), then
+    a partial one. None when nothing fits (few texts: a round robin instead)."""
     orders = 2 if cfg.both_orders else 1
-    budget = cfg.tournament_budget * orders * m * (m - 1) / 2
-    per_round = (m + 1) // 2 * orders
-    for t in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
-        rounds = min(cfg.tournament_rounds or m - 1, m - 1, int((budget - 2 * t * (t - 1)) // per_round))
-        if rounds >= 1 and -(-m // 2**rounds) <= t:
-            return rounds, t
+    budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2)
+    per_round = (m + 1) // 2
+    for top in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
+        for bottom in range(min(cfg.tournament_bottom_finalists, m // 2), 1, -1):
+            pairs = (budget - _playoff_comparisons(top, orders) - _playoff_comparisons(bottom, orders)) // orders
+            rounds, extra = divmod(max(pairs, 0), per_round)
+            cap = min(cfg.tournament_rounds or m - 1, m - 1)
+            if rounds >= cap:
+                rounds, extra = cap, 0
+            unbeaten = winless = m
+            for _ in range(rounds):
+                unbeaten, winless = -(-unbeaten // 2), -(-winless // 2)
+            unbeaten -= min((extra + 1) // 2, unbeaten // 2)  # the partial round's pairs alternate, the top first
+            winless -= min(extra // 2, winless // 2)
+            if rounds >= 1 and unbeaten <= top and winless <= bottom:
+                return TournamentPlan(rounds, extra, top, bottom)
     return None
+
+
+def _unasked_order(pairs, asked: set[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
+    """Each pair in the order it has not been asked in (a random one if neither); pairs asked in both
+    orders already are left out: asking again would add no verdict."""
+    out = []
+    for a, b in _random_order(pairs, rng):
+        if (a, b) not in asked:
+            out.append((a, b))
+        elif (b, a) not in asked:
+            out.append((b, a))
+    return out
 
 
 def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True):
@@ -142,33 +181,48 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
     Every round pairs texts with equal records (one comparison each, in a random order, so position
     bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
     instead of knocking it out. After the planned rounds the texts with the fewest losses and those
-    with the fewest wins each play a round robin in both orders (a pair met in the Swiss rounds
-    is asked again in both). The final standing puts the top playoff above the rest above the
-    bottom playoff, each ranked by its playoff points and then its record (wins − losses). Without
-    `worst` (the objective trains on the best alone) the bottom playoff is not played. Where no plan
-    fits the budget (few texts), it is a round robin in random orders.
+    with the fewest wins each play a round robin, each pair in the order it has not met in; then the
+    two leaders of the top playoff, and the two last of the bottom one, meet again in their other order
+    (with judge.both_orders every playoff pair is asked in both orders and there is no rematch). The
+    final standing puts the top playoff above the rest above the bottom playoff, each ranked by its
+    playoff points and then its record (wins - losses). Without `worst` (the objective trains on the
+    best alone) the bottom playoff is not played. Where no plan fits the budget (few texts), it is a
+    round robin in random orders.
     """
     plan = tournament_plan(m, cfg)
     if plan is None:
         return (yield from _round_robin(m, cfg.both_orders, rng=rng))
-    rounds, t = plan
     wins, losses = [0.0] * m, [0.0] * m
     tiebreak = [rng.random() for _ in range(m)]
     played: set[frozenset[int]] = set()
-    for _ in range(rounds):
-        asked = _orders(_random_order(_swiss_pairs(wins, losses, tiebreak, played), rng), cfg.both_orders)
+    asked_before: set[tuple[int, int]] = set()
+    for r in range(plan.rounds + (plan.extra_pairs > 0)):
+        pairs = _swiss_pairs(wins, losses, tiebreak, played, plan.extra_pairs if r == plan.rounds else None)
+        asked = _orders(_random_order(pairs, rng), cfg.both_orders)
+        asked_before.update(asked)
         _record(wins, losses, asked, (yield asked))
-    top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))[:t]
-    bottom = [u for u in sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u])) if u not in top][:t] if worst else []
-    asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
-    playoff = [0.0] * m
-    _tally(playoff, asked, (yield asked))
+    top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))[: plan.top]
+    bottom = [u for u in sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u])) if u not in top]
+    bottom = bottom[: plan.bottom] if worst else []
+    if cfg.both_orders:
+        asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
+    else:
+        asked = [pair for group in (top, bottom) for pair in _unasked_order(list(combinations(group, 2)), asked_before, rng)]
+    asked_before.update(asked)
+    points = [0.0] * m
+    _tally(points, asked, (yield asked))
+    if not cfg.both_orders:
+        place = [(points[u], wins[u] - losses[u], tiebreak[u]) for u in range(m)]
+        ends = [sorted(top, key=place.__getitem__)[-2:], sorted(bottom, key=place.__getitem__)[:2]]
+        rematch = [pair for end in ends if len(end) == 2 for pair in _unasked_order([tuple(end)], asked_before, rng)]
+        if rematch:
+            _tally(points, rematch, (yield rematch))
     group = [1] * m
     for u in top:
         group[u] = 2
     for u in bottom:
         group[u] = 0
-    standing = [(group[u], playoff[u], wins[u] - losses[u]) for u in range(m)]
+    standing = [(group[u], points[u], wins[u] - losses[u]) for u in range(m)]
     return [
         (sum(s < standing[u] for s in standing) + 0.5 * (sum(s == standing[u] for s in standing) - 1)) / (m - 1)
         for u in range(m)

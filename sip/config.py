@@ -309,13 +309,15 @@ class JudgeConfig(DeploymentConfig):
     pivot: Literal["suffix", "rewrite"] = "suffix"
     both_orders: bool = Field(False, description="judge every pair in both orders to cancel position bias (2x calls)")
     tournament_rounds: int | None = Field(
-        None, ge=2, description="tournament: the most Swiss rounds before the playoffs; unset: as many as the budget allows")
+        None, ge=1, description="tournament: the most Swiss rounds before the playoffs; unset: as many full rounds as "
+        "the budget allows, then a partial one with what is left")
     tournament_finalists: int = Field(
-        4, ge=2, description="tournament: the most texts in the top and in the bottom playoff, each a round robin in both orders"
-    )
+        5, ge=2, description="tournament: the most texts in the top playoff (a round robin, then its two leaders again)")
+    tournament_bottom_finalists: int = Field(
+        4, ge=2, description="tournament: the most texts in the bottom playoff (a round robin, then its two last again)")
     tournament_budget: float = Field(
         1 / 3, gt=0, le=1, description="tournament: the most comparisons it may ask, as a share of round robin's; the "
-        "rounds and finalists are cut to fit, and a sample too small for a plan that fits (11 or fewer distinct texts at a "
+        "rounds and finalists are cut to fit, and a sample too small for a plan that fits (10 or fewer distinct texts at a "
         "third) gets a round robin")
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,

@@ -64,18 +64,21 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
     assert rr.calls == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
 
 
-@pytest.mark.parametrize("budget", [1 / 3, 0.5])
-def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_robin_only_for_few_texts(budget):
+@pytest.mark.parametrize("budget,both_orders", [(1 / 3, False), (0.5, False), (1 / 3, True)])
+def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_robin_only_for_few_texts(budget, both_orders):
     """...and an error-free judge always finds the best and the worst, whatever the count of texts."""
-    cfg = judge("judge.pairwise=tournament", f"judge.tournament_budget={budget}")
+    cfg = judge("judge.pairwise=tournament", f"judge.tournament_budget={budget}", f"judge.both_orders={both_orders}")
+    orders = 2 if both_orders else 1
     for n, seed in itertools.product(range(2, 41), range(4)):
         texts, score = distinct_texts(n, 100 * n + seed)
         for worst in (True, False):
-            [r] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts, needs_worst=worst)], cfg))
-            if r.calls < n * (n - 1) // 2:
-                assert r.calls <= budget * n * (n - 1) / 2, (n, worst)
+            backend = Ranked(score)
+            [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, texts, needs_worst=worst)], cfg))
+            assert len(backend.asked) == len(set(backend.asked)) == r.calls
+            if r.calls < orders * n * (n - 1) // 2:
+                assert r.calls <= budget * orders * n * (n - 1) / 2, (n, worst)
             else:
-                assert n <= 12, "a round robin only where no tournament fits the budget"
+                assert n <= 10, "a round robin only where no tournament fits the budget"
             assert texts[r.reward.index(1.0)] == max(texts, key=score.get), (n, seed, worst)
             if worst:
                 assert texts[r.reward.index(0.0)] == min(texts, key=score.get), (n, seed)
@@ -89,8 +92,10 @@ def test_when_only_the_best_is_needed_the_bottom_playoff_is_not_played():
         [b] = asyncio.run(score_tasks(best_only, [JudgeTask(PASSAGE, texts, needs_worst=False)],
                                       judge("judge.pairwise=tournament")))
         assert b.reward.index(1.0) == r.reward.index(1.0) == texts.index(max(texts, key=score.get))
-        assert b.calls == b.comparisons == len(best_only.asked) <= r.calls - 6  # a playoff of 4 asks up to 12
-        assert best_only.asked == both.asked[: len(best_only.asked)]  # the same Swiss rounds and top playoff
+        assert b.calls == b.comparisons == len(best_only.asked) < r.calls
+        # the same Swiss rounds, top playoff and top rematch: each request is the start of the one that wants both ends
+        assert len(best_only.requests) <= len(both.requests)  # no top rematch where the leaders met in both orders
+        assert all(one == two[: len(one)] for one, two in zip(best_only.requests, both.requests))
 
 
 def test_comparisons_count_the_pairwise_calls_apart_from_the_pointwise_ones():
@@ -123,7 +128,7 @@ def test_each_round_is_one_batched_request_over_all_tasks():
         scores.update(score)
     backend = Ranked(scores)
     results = asyncio.run(score_tasks(backend, tasks, judge("judge.pairwise=tournament", "judge.tournament_rounds=3")))
-    assert len(backend.requests) == 3 + 1  # three Swiss rounds and the playoffs, each one request
+    assert len(backend.requests) == 3 + 2  # three Swiss rounds, the playoffs, the rematches: each one request
     assert len(backend.requests[0]) == 5 * 9  # every task's first round in the first request
     assert sum(r.calls for r in results) == len(backend.asked)
 
