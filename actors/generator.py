@@ -197,6 +197,7 @@ class RolloutWorker:
                 result.judged.append(JudgedSample(sample, cands, reward=v.reward, scores=v.scores, complete=v.complete))
                 result.judge_calls += v.calls
                 result.judge_comparisons += v.comparisons
+                result.judge_round_robin_comparisons += v.round_robin_comparisons
                 result.judge_failures += v.failures
                 result.judge_failure_example = v.failure_example or result.judge_failure_example
             stages["judge"] = time.perf_counter() - judge_start

@@ -278,6 +278,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
     weights = {name: w for name, w in cfg.weights.items() if w > 0}
     calls = [0] * len(tasks)
     comparisons = [0] * len(tasks)
+    round_robin_comparisons = [0] * len(tasks)
     failures = [0] * len(tasks)
     complete = [[True] * len(task.candidates) for task in tasks]
     scores: list[dict[str, list[float | None]]] = [{} for _ in tasks]
@@ -287,6 +288,8 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
         for t, (sample, quality) in enumerate(zip(samples, await _quality(backend, samples, cfg), strict=True)):
             calls[t] += sample.calls
             comparisons[t] = sample.calls
+            m = len(sample.texts)
+            round_robin_comparisons[t] = (2 if cfg.both_orders else 1) * m * (m - 1) // 2
             failures[t] += sample.failures
             scores[t]["quality"] = [quality[u] for u in sample.of_candidate]
             complete[t] = [u not in sample.failed for u in sample.of_candidate]
@@ -318,6 +321,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
             scores=scores[t],
             calls=calls[t],
             comparisons=comparisons[t],
+            round_robin_comparisons=round_robin_comparisons[t],
             failures=failures[t],
             failure_example=getattr(backend, "last_unparsed", None) if failures[t] else None,
         )

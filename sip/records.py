@@ -72,6 +72,7 @@ class JudgedBatch:
     attempt: int = 1
     judge_calls: int = 0
     judge_comparisons: int = 0
+    judge_round_robin_comparisons: int = 0
     judge_failures: int = 0
     judge_failure_example: str | None = None  # the last answer the judge gave that held no verdict
     rewrite_failures: int = 0
@@ -128,5 +129,6 @@ class JudgeResult:
     scores: dict[str, list[float | None]]
     calls: int = 0  # judgments asked for
     comparisons: int = 0  # of them, pairwise quality comparisons (the protocol's cost; the rest are pointwise)
+    round_robin_comparisons: int = 0  # what round robin would ask for the same distinct texts: the protocols' yardstick
     failures: int = 0  # judgments that gave no verdict
     failure_example: str | None = None  # with failures: the backend's latest answer that held no verdict

@@ -213,6 +213,9 @@ def aggregate(results: dict[str, dict[int, dict]], start_evals: dict[int, dict])
         for key in ("judge_calls", "judge_comparisons"):  # runs from before the count have no judge_comparisons
             if per_step := [s[key] / s["steps"] for s in by_seed.values() if key in s]:
                 row[f"{key}_per_step"] = _mean_std(per_step)
+        if shares := [s["judge_comparisons"] / s["judge_round_robin_comparisons"]
+                      for s in by_seed.values() if s.get("judge_round_robin_comparisons")]:
+            row["judge_comparison_share"] = _mean_std(shares)  # of what round robin would ask for the same texts
         table[name] = row
     return table
 
@@ -239,6 +242,7 @@ def markdown_table(table: dict, recipe: Recipe, seeds: list[int], cfg: SipConfig
         ("training s", "train_seconds", whole),
         ("judge calls per step", "judge_calls_per_step", whole),
         ("quality comparisons per step", "judge_comparisons_per_step", whole),
+        ("quality comparisons / round robin's", "judge_comparison_share", "{m:.3f} ± {s:.3f}"),
     ]
     head = ["row", "paper's row", *(title for title, _, _ in columns)]
     lines = [

@@ -343,6 +343,7 @@ class TrainingRun:
                 skipped[reason] += 1
         chosen = Counter(e.chosen_source for e in examples)
         self.counters.update(judge_calls=judged.judge_calls, judge_comparisons=judged.judge_comparisons,
+                             judge_round_robin_comparisons=judged.judge_round_robin_comparisons,
                              judge_failures=judged.judge_failures,
                              rewrite_failures=judged.rewrite_failures)
         self.counters.update({f"retries_{app}": n for app, n in judged.request_retries.items()})
@@ -357,6 +358,7 @@ class TrainingRun:
             "rollout_logprob": mean(rollout_logprobs) if rollout_logprobs else None,
             "judge_calls": judged.judge_calls,
             "judge_comparisons": judged.judge_comparisons,
+            "judge_round_robin_comparisons": judged.judge_round_robin_comparisons,
             "judge_failures": judged.judge_failures,
             "skipped_ties": skipped["tie"],
             "skipped_judge_failed": skipped["judge_failed"],
@@ -488,6 +490,7 @@ class TrainingRun:
             "faults": dict(self.faults),
             "judge_calls": self.counters["judge_calls"],
             "judge_comparisons": self.counters["judge_comparisons"],
+            "judge_round_robin_comparisons": self.counters["judge_round_robin_comparisons"],
             "judge_failures": self.counters["judge_failures"],
             "rewrite_failures": self.counters["rewrite_failures"],
             "request_retries": {k.removeprefix("retries_"): v for k, v in self.counters.items() if k.startswith("retries_")},

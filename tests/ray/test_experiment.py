@@ -38,6 +38,7 @@ def test_a_recipe_runs_its_rows_and_reports_against_the_start_model(tmp_path):
     assert table["ntp"]["quality_win_rate"]["mean"] == 0.5, "the baseline row against itself ties"
     assert table["ntp"]["judge_calls_per_step"]["mean"] == 0 < table["sip"]["judge_comparisons_per_step"]["mean"]
     assert table["sip"]["judge_calls_per_step"]["mean"] >= table["sip"]["judge_comparisons_per_step"]["mean"]
+    assert table["sip"]["judge_comparison_share"]["mean"] == 1.0  # round robin asks every pair of distinct texts
     start = json.loads((out / "start_seed_0.json").read_text())
     assert start["prompts"] == 14 and "vs_start" not in start
     assert json.loads((out / "sip" / "seed_0" / "summary.json").read_text())["base"]["steps"] == 3

@@ -59,9 +59,10 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
         assert texts[r.reward.index(min(r.reward))] == worst and r.reward.count(min(r.reward)) == 1
         assert max(r.reward) == 1.0 and min(r.reward) == 0.0 and all(0 <= q <= 1 for q in r.scores["quality"])
         assert r.calls == len(backend.asked) == len(set(backend.asked)) <= 153 // 3
+        assert r.round_robin_comparisons == 153  # the yardstick: what round robin asks for the same texts
         assert r.failures == 0 and all(r.complete)
     [rr] = asyncio.run(score_tasks(Ranked(score), [JudgeTask(PASSAGE, texts)], judge()))
-    assert rr.calls == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
+    assert rr.calls == rr.round_robin_comparisons == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
 
 
 @pytest.mark.parametrize("budget,both_orders", [(1 / 3, False), (0.5, False), (1 / 3, True)])
@@ -142,6 +143,7 @@ def test_copies_of_a_text_are_judged_once_and_share_its_score(protocol):
     assert len(backend.asked) == len(set(backend.asked)) == r.calls and all(a != b for a, b in backend.asked)
     for i, text in enumerate(candidates):
         assert r.reward[i] == r.reward[candidates.index(text)]
+    assert r.round_robin_comparisons == 12 * 11 // 2  # copies do not count: round robin asks distinct texts
     if protocol == "round_robin":
         assert r.calls == 12 * 11 // 2
     [copies] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, ["same", "same"])], judge(f"judge.pairwise={protocol}")))

@@ -94,7 +94,7 @@ def test_aggregate_means_stds_and_gains_over_the_start():
     def run(fact, win, win_start, rollout):
         return {"eval": {"factuality": fact, "quality_win_rate": win, "safety": 1.0, "vs_start": {"quality_win_rate": win_start}},
                 "final": {"chosen_rate": {"rollout": rollout}}, "train_seconds": 10.0, "steps": 4, "judge_calls": 40,
-                "judge_comparisons": 24}
+                "judge_comparisons": 24, "judge_round_robin_comparisons": 72}
 
     table = aggregate({"sip": {0: run(0.6, 0.7, 0.9, 0.5), 1: run(0.8, 0.9, 0.7, 0.7)}},
                       {0: {"factuality": 0.4, "safety": 0.5}, 1: {"factuality": 0.5, "safety": 0.5}})
@@ -106,5 +106,6 @@ def test_aggregate_means_stds_and_gains_over_the_start():
     assert row["safety_relative_to_start"]["mean"] == pytest.approx(1.0)
     assert row["final_rollout_chosen_rate"]["mean"] == pytest.approx(0.6)
     assert row["judge_calls_per_step"]["mean"] == 10 and row["judge_comparisons_per_step"]["mean"] == 6
+    assert row["judge_comparison_share"]["mean"] == pytest.approx(1 / 3)
     assert row["train_seconds"] == {"mean": 10.0, "std": 0.0}
     assert "factuality_relative_to_start" not in aggregate({"sip": {0: run(0.6, 0.7, 0.9, 0.5)}}, {})["sip"]
