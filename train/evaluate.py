@@ -219,29 +219,59 @@ class ModelFolder:
 
 
 def evaluate_folders(cfg: SipConfig, model_dir: str, baseline_dir: str | None,
-                     start_dir: str | None = None) -> tuple[dict, list[dict]]:
+                     start_dir: str | None = None, memo: dict | None = None) -> tuple[dict, list[dict]]:
     """`sip eval`: score a model folder (and win rates against a baseline folder) with the configured judge,
     and each folder's perplexity on general text. With `start_dir`, the model it was trained from, also
-    the win rates against that start (`vs_start`: the paper's reference, its base model)."""
+    the win rates against that start (`vs_start`: the paper's reference, its base model). `memo`, a dict
+    the caller keeps between calls, holds what each folder generated, so a folder met again (sip experiment
+    compares every row with the same start and baseline) is not run again."""
     from sip.serve.backends import make_judge_backend
 
-    window = cfg.data.max_seq_tokens
     model = ModelFolder.load(model_dir)
     prompts = eval_prompts(cfg, model.tokenizer)
-    texts, perplexity = model.greedy_texts(cfg, prompts), model.general_text_perplexity(window)
+    outputs = _FolderOutputs(cfg, prompts, {} if memo is None else memo, {model_dir: model})
+    texts, perplexity = outputs.texts(model_dir), outputs.perplexity(model_dir)
     baseline_texts = baseline_perplexity = None
     if baseline_dir:
-        baseline = ModelFolder.load(baseline_dir)
-        baseline_texts, baseline_perplexity = baseline.greedy_texts(cfg, prompts), baseline.general_text_perplexity(window)
+        baseline_texts, baseline_perplexity = outputs.texts(baseline_dir), outputs.perplexity(baseline_dir)
     judge = make_judge_backend(cfg.judge.backend, cfg.data, cfg.evaluation.llm(cfg.judge.llm))
     summary, rows = asyncio.run(score(judge, prompts, texts, baseline_texts))
     summary["general_perplexity"] = perplexity
     if baseline_dir:
         summary["baseline_general_perplexity"] = baseline_perplexity
     if start_dir:
-        start_texts = baseline_texts if start_dir == baseline_dir else ModelFolder.load(start_dir).greedy_texts(cfg, prompts)
+        start_texts = outputs.texts(start_dir)
         summary["vs_start"], _ = asyncio.run(win_rates(judge, prompts, texts, start_texts))
     return summary, rows
+
+
+@dataclass
+class _FolderOutputs:
+    """Each folder's greedy continuations of `prompts` and its general-text perplexity, taken from `memo`
+    where an earlier call computed them for the same folder, prompts and lengths."""
+
+    cfg: SipConfig
+    prompts: list[EvalPrompt]
+    memo: dict
+    models: dict[str, ModelFolder]
+
+    def texts(self, folder: str) -> list[str]:
+        key = ("texts", str(Path(folder).resolve()), self.cfg.data.suffix_tokens, self.cfg.data.max_seq_tokens,
+               tuple((p.id, p.passage.prefix) for p in self.prompts))
+        if key not in self.memo:
+            self.memo[key] = self._model(folder).greedy_texts(self.cfg, self.prompts)
+        return self.memo[key]
+
+    def perplexity(self, folder: str) -> float:
+        key = ("perplexity", str(Path(folder).resolve()), self.cfg.data.max_seq_tokens)
+        if key not in self.memo:
+            self.memo[key] = self._model(folder).general_text_perplexity(self.cfg.data.max_seq_tokens)
+        return self.memo[key]
+
+    def _model(self, folder: str) -> ModelFolder:
+        if folder not in self.models:
+            self.models[folder] = ModelFolder.load(folder)
+        return self.models[folder]
 
 
 def run_start(model_dir: str | Path) -> str | None:

@@ -143,14 +143,16 @@ def run_experiment(recipe: Recipe, overrides: list[str], seeds: list[int], out: 
                 results[name][seed] = json.loads((run_dir / "summary.json").read_text())
             judge_cfg = row_config(recipe, None, [*overrides, *seed_overrides(seed)])  # one judge for every row
             start = start_model(judge_cfg)
+            generated: dict = {}  # the start's and the baseline's continuations, generated once for all rows
             if start is not None:
-                start_evals[seed] = _cached(out / f"start_seed_{seed}.json", lambda: evaluate_folders(judge_cfg, start, None)[0])
+                start_evals[seed] = _cached(out / f"start_seed_{seed}.json",
+                                            lambda: evaluate_folders(judge_cfg, start, None, memo=generated)[0])
             baseline = results[recipe.baseline][seed]["checkpoint"] if recipe.baseline else None
             for name in recipe.rows:
                 checkpoint = results[name][seed]["checkpoint"]
                 results[name][seed]["eval"] = _cached(
                     out / name / f"seed_{seed}" / "eval.json",
-                    lambda: evaluate_folders(judge_cfg, checkpoint, baseline, start)[0])
+                    lambda: evaluate_folders(judge_cfg, checkpoint, baseline, start, memo=generated)[0])
     finally:
         if started:
             import ray

@@ -26,13 +26,20 @@ rows:
 """
 
 
-def test_a_recipe_runs_its_rows_and_reports_against_the_start_model(tmp_path):
+def test_a_recipe_runs_its_rows_and_reports_against_the_start_model(tmp_path, monkeypatch):
+    from sip.train.evaluate import ModelFolder
+
+    generated = []  # the folder of every greedy generation the evaluation ran
+    greedy_texts = ModelFolder.greedy_texts
+    monkeypatch.setattr(ModelFolder, "greedy_texts",
+                        lambda self, cfg, prompts, **kw: generated.append(self.model.name_or_path) or greedy_texts(self, cfg, prompts, **kw))
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE)
     overrides = [*TINY, "train.steps=2", "base.steps=3", "base.batch_size=4", f"base.cache_dir={tmp_path / 'bases'}"]
     out = tmp_path / "experiment"
     table = run_experiment(load_recipe(str(path)), overrides, [0], out)
     assert set(table) == {"ntp", "sip"}
+    assert len(generated) == len(set(generated)) == 3, "the start, the baseline row and the SIP row each generate once"
     for row in table.values():
         assert 0 <= row["vs_start.quality_win_rate"]["mean"] <= 1 and "factuality_relative_to_start" in row
     assert table["ntp"]["quality_win_rate"]["mean"] == 0.5, "the baseline row against itself ties"
