@@ -146,11 +146,11 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     orders = 2 if cfg.both_orders else 1
     budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2)
     per_round = (m + 1) // 2
+    cap = min(cfg.tournament_rounds or m - 1, m - 1)
     for top in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
         for bottom in range(min(cfg.tournament_bottom_finalists, m // 2), 1, -1):
             pairs = (budget - _playoff_comparisons(top, orders) - _playoff_comparisons(bottom, orders)) // orders
             rounds, extra = divmod(max(pairs, 0), per_round)
-            cap = min(cfg.tournament_rounds or m - 1, m - 1)
             if rounds >= cap:
                 rounds, extra = cap, 0
             unbeaten = winless = m
