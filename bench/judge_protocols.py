@@ -1,7 +1,7 @@
 """Pairwise calls and pick quality of each quality protocol, scored against the truth.
 
     python bench/judge_protocols.py [--prefixes 100] [--repeats 3] [--ks 4,8,16] [--noise 0,0.1,0.2,0.3] \
-        [judge.tournament_rounds=3 judge.tournament_finalists=4 ...]
+        [--budgets 1/3,0.45] [judge.tournament_rounds=3 judge.tournament_finalists=4 ...]
 
 Candidates per prefix: the suffix, the world teacher's rewrite and K rollout-like texts drawn from
 the world (the suffix with some words swapped for words of other documents, a window of another
@@ -10,6 +10,7 @@ candidate's true quality is the world teacher's noise-free quality score. The ju
 compares by that score, as the world teacher does (ties within its margin), and then errs: the first
 option wins every tie and 10% of close calls (scores within 0.1), and any verdict is flipped with
 probability `noise`. Selection is the training code's own (sip/objectives.py, objective dpo).
+With `--budgets`, the tournament runs once per judge.tournament_budget (its cost against its picks).
 
 Per K, protocol and noise: pairwise calls per prefix, how often the chosen candidate is truly best
 (its true score the highest) and the rejected truly worst, their mean true ranks (1 = best; for the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+from fractions import Fraction
 from itertools import islice
 from statistics import mean
 
@@ -147,6 +149,7 @@ def main() -> None:
     ap.add_argument("--noise", default="0,0.1,0.2,0.3", help="flip probabilities")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct", action="store_true", help="no two candidates of a prefix alike")
+    ap.add_argument("--budgets", default=None, help="tournament budgets to compare, e.g. 1/3,0.45 (default: the config's)")
     ap.add_argument("overrides", nargs="*", help="judge settings for every protocol, e.g. judge.tournament_finalists=3")
     args = ap.parse_args()
     teacher = WorldTeacher.from_config(DataConfig())
@@ -161,11 +164,16 @@ def main() -> None:
         sets = trial_set(teacher, passages, k, args.seed, args.distinct)
         true = {(p.prefix, t): teacher.quality_score(p.prefix, t, p.truth["subject"]) for p, texts in sets for t in texts}
         for protocol in PROTOCOLS:
-            for noise in (float(x) for x in args.noise.split(",")):
-                cells = [run_cell(sets, true, protocol, noise, args.seed * 1000 + r, args.overrides) for r in range(args.repeats)]
-                m = {key: mean(c[key] for c in cells) for key in cells[0]}
-                print(f"| {k} | {k + 2} | {protocol} | {noise} | {m['calls']:.1f} | {m['best']:.0%} | {m['worst']:.0%} | "
-                      f"{m['rank']:.2f} | {m['rejected_rank']:.2f} | {m['gap']:.3f} ({m['ideal']:.3f}) |")
+            budgets = args.budgets.split(",") if protocol == "tournament" and args.budgets else [None]
+            for budget in budgets:
+                name, overrides = protocol, list(args.overrides)
+                if budget is not None:
+                    name, overrides = f"tournament, budget {budget}", [*overrides, f"judge.tournament_budget={float(Fraction(budget))}"]
+                for noise in (float(x) for x in args.noise.split(",")):
+                    cells = [run_cell(sets, true, protocol, noise, args.seed * 1000 + r, overrides) for r in range(args.repeats)]
+                    m = {key: mean(c[key] for c in cells) for key in cells[0]}
+                    print(f"| {k} | {k + 2} | {name} | {noise} | {m['calls']:.1f} | {m['best']:.0%} | {m['worst']:.0%} | "
+                          f"{m['rank']:.2f} | {m['rejected_rank']:.2f} | {m['gap']:.3f} ({m['ideal']:.3f}) |")
 
 
 if __name__ == "__main__":

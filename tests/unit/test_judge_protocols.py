@@ -185,3 +185,20 @@ def test_on_world_text_the_tournament_chooses_what_the_world_teacher_scores_high
         chosen, rejected = r.reward.index(max(r.reward)), r.reward.index(min(r.reward))
         assert truth[chosen] >= max(truth) - 0.05 and truth[rejected] <= min(truth) + 0.05  # the teacher ties closer texts
         assert r.calls <= 15 * 14 // 2 / 3
+
+
+def test_the_protocols_bench_prints_the_tournament_at_each_budget():
+    """bench/judge_protocols.py --budgets: one tournament row per budget, each within its share of round
+    robin's calls, a larger budget asking more."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[2] / "bench" / "judge_protocols.py"
+    done = subprocess.run([sys.executable, str(bench), "--prefixes", "20", "--repeats", "1", "--ks", "16", "--noise", "0.2",
+                           "--distinct", "--budgets", "1/3,0.5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("| 16 |")]
+    calls = {cells[2]: float(cells[4]) for cells in rows}
+    assert set(calls) == {"round_robin", "pivot", "tournament, budget 1/3", "tournament, budget 0.5"}, done.stdout
+    assert calls["tournament, budget 1/3"] <= calls["round_robin"] / 3 < calls["tournament, budget 0.5"] <= calls["round_robin"] / 2
