@@ -141,6 +141,17 @@ def run_cell(sets, true, protocol: str, noise: float, seed: int, overrides: list
     }
 
 
+def budget_list(text: str) -> list[tuple[str, float]]:
+    """--budgets: each as written (its row's name) and as a share of round robin's comparisons."""
+    try:
+        budgets = [(b.strip(), float(Fraction(b.strip()))) for b in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        budgets = []
+    if not budgets or not all(0 < share <= 1 for _, share in budgets):
+        raise argparse.ArgumentTypeError(f"{text!r}: give shares in (0, 1] separated by commas, e.g. 1/3,0.45")
+    return budgets
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefixes", type=int, default=100)
@@ -149,7 +160,7 @@ def main() -> None:
     ap.add_argument("--noise", default="0,0.1,0.2,0.3", help="flip probabilities")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct", action="store_true", help="no two candidates of a prefix alike")
-    ap.add_argument("--budgets", default=None, help="tournament budgets to compare, e.g. 1/3,0.45 (default: the config's)")
+    ap.add_argument("--budgets", type=budget_list, default=None, help="tournament budgets to compare, e.g. 1/3,0.45 (default: the config's)")
     ap.add_argument("overrides", nargs="*", help="judge settings for every protocol, e.g. judge.tournament_finalists=3")
     args = ap.parse_args()
     teacher = WorldTeacher.from_config(DataConfig())
@@ -164,11 +175,10 @@ def main() -> None:
         sets = trial_set(teacher, passages, k, args.seed, args.distinct)
         true = {(p.prefix, t): teacher.quality_score(p.prefix, t, p.truth["subject"]) for p, texts in sets for t in texts}
         for protocol in PROTOCOLS:
-            budgets = args.budgets.split(",") if protocol == "tournament" and args.budgets else [None]
-            for budget in budgets:
+            for budget in (args.budgets if protocol == "tournament" and args.budgets else [None]):
                 name, overrides = protocol, list(args.overrides)
                 if budget is not None:
-                    name, overrides = f"tournament, budget {budget}", [*overrides, f"judge.tournament_budget={float(Fraction(budget))}"]
+                    name, overrides = f"tournament, budget {budget[0]}", [*overrides, f"judge.tournament_budget={budget[1]}"]
                 for noise in (float(x) for x in args.noise.split(",")):
                     cells = [run_cell(sets, true, protocol, noise, args.seed * 1000 + r, overrides) for r in range(args.repeats)]
                     m = {key: mean(c[key] for c in cells) for key in cells[0]}
