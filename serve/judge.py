@@ -1,6 +1,8 @@
 """The judge deployment: turns a backend's primitive verdicts into one reward per candidate.
 
-Quality is pairwise, by one of three protocols (`judge.pairwise`):
+Quality is pairwise, by one of three protocols (`judge.pairwise`), each asking every comparison in
+a random order (seeded by the sample), so a judge's position bias is noise rather than a side taken
+for the candidates listed first (the suffix and the rewrite) or last (the rollouts):
 - round_robin: every pair of candidates; a candidate's quality is its win rate (win 1, tie ½);
 - pivot: every candidate against one pivot (the suffix or the rewrite); the same win rate. A sample
   whose pivot is missing (its rewrite came back empty) has no quality score: the protocol is never
@@ -56,11 +58,11 @@ class _Sample:
         self.rng = random.Random("\x00".join([task.passage.prefix, *self.texts]))
 
 
-def _round_robin(m: int, both_orders: bool, pivot: int | None = None, rng: random.Random | None = None):
-    """Every pair, or every text against the pivot; a text's score is its mean outcome (win 1, tie
-    ½, loss 0). With `rng`, each pair is asked in a random order instead of the list's."""
+def _round_robin(m: int, both_orders: bool, rng: random.Random, pivot: int | None = None):
+    """Every pair, or every text against the pivot, each in a random order; a text's score is its mean
+    outcome (win 1, tie ½, loss 0)."""
     pairs = list(combinations(range(m), 2)) if pivot is None else [(pivot, u) for u in range(m) if u != pivot]
-    asked = _orders(_random_order(pairs, rng) if rng is not None else pairs, both_orders)
+    asked = _orders(_random_order(pairs, rng), both_orders)
     verdicts = yield asked
     outcomes: list[list[float]] = [[] for _ in range(m)]
     for (a, b), v in zip(asked, verdicts, strict=True):
@@ -191,7 +193,7 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
     """
     plan = tournament_plan(m, cfg)
     if plan is None:
-        return (yield from _round_robin(m, cfg.both_orders, rng=rng))
+        return (yield from _round_robin(m, cfg.both_orders, rng))
     wins, losses = [0.0] * m, [0.0] * m
     tiebreak = [rng.random() for _ in range(m)]
     played: set[frozenset[int]] = set()
@@ -233,7 +235,7 @@ def _protocol(sample: _Sample, cfg: JudgeConfig):
     m = len(sample.texts)
     if cfg.pairwise == "tournament":
         return _tournament(m, cfg, sample.rng, sample.needs_worst)
-    return _round_robin(m, cfg.both_orders, pivot=sample.pivot if cfg.pairwise == "pivot" else None)
+    return _round_robin(m, cfg.both_orders, sample.rng, pivot=sample.pivot if cfg.pairwise == "pivot" else None)
 
 
 async def _quality(backend: JudgeBackend, samples: list[_Sample], cfg: JudgeConfig) -> list[list[float | None]]:
