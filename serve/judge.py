@@ -146,7 +146,8 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     worst. The Swiss rounds take the rest of the budget: full rounds (at most judge.tournament_rounds), then
     a partial one. None when nothing fits (few texts: a round robin instead)."""
     orders = 2 if cfg.both_orders else 1
-    budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2)
+    # a share such as 1/3 is a float a hair under the fraction: a third of 300 pairs must be 100, not 99
+    budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2 + 1e-9)
     per_round = (m + 1) // 2
     cap = min(cfg.tournament_rounds or m - 1, m - 1)
     for top in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
