@@ -11,7 +11,7 @@ import pytest
 
 from sip.records import Passage
 from sip.records import JudgeTask
-from sip.serve.judge import score_tasks
+from sip.serve.judge import _playoff_comparisons, score_tasks, tournament_plan
 from sip.serve.world_teacher import WorldTeacher
 from sip.config import DataConfig, WorldConfig, load_config
 from sip.records import Candidate, JudgedSample, Sample
@@ -86,10 +86,9 @@ def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_
 
 
 def test_a_third_of_round_robin_is_a_third_even_where_the_float_lands_below_it():
-    from sip.serve.judge import _playoff_comparisons, tournament_plan
-
     plan = tournament_plan(25, judge("judge.pairwise=tournament"))  # 300 pairs; 1/3 * 300 is 99.99999999999999
-    spent = plan.rounds * 13 + plan.extra_pairs + _playoff_comparisons(plan.top, 1) + _playoff_comparisons(plan.bottom, 1)
+    per_round = 13  # 25 texts: 12 pairs and the odd one out against its nearest unmet text
+    spent = plan.rounds * per_round + plan.extra_pairs + _playoff_comparisons(plan.top, 1) + _playoff_comparisons(plan.bottom, 1)
     assert spent == 100
 
 
