@@ -130,6 +130,7 @@ class TournamentPlan(NamedTuple):
     extra_pairs: int  # pairs of one more, partial round, taken from the two ends of the standing
     top: int  # finalists in the top playoff
     bottom: int  # finalists in the bottom playoff
+    budget: int  # the most comparisons, Swiss rounds and playoffs together
 
 
 def _playoff_comparisons(t: int, orders: int) -> int:
@@ -162,7 +163,7 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
             unbeaten -= min((extra + 1) // 2, unbeaten // 2)  # the partial round's pairs alternate, the top first
             winless -= min(extra // 2, winless // 2)
             if rounds >= 1 and unbeaten <= top and winless <= bottom:
-                return TournamentPlan(rounds, extra, top, bottom)
+                return TournamentPlan(rounds, extra, top, bottom, budget)
     return None
 
 
@@ -178,13 +179,46 @@ def _unasked_order(pairs, asked: set[tuple[int, int]], rng: random.Random) -> li
     return out
 
 
+def _playoff_cost(groups: list[list[int]], asked: set[tuple[int, int]], both_orders: bool) -> int:
+    """The comparisons these playoffs would still ask (a pair is not asked again in an order it was
+    asked in; in one order, a pair met in either order is asked in the other), with a rematch at each end."""
+    cost = 0
+    for group in groups:
+        for x, y in combinations(group, 2):
+            unasked = ((x, y) not in asked) + ((y, x) not in asked)
+            cost += unasked if both_orders else min(unasked, 1)
+    return cost + (0 if both_orders else sum(len(group) >= 2 for group in groups))
+
+
+def _grow_playoffs(ends: list[tuple[list[int], list[int]]], room: int, asked: set[tuple[int, int]],
+                   both_orders: bool) -> None:
+    """Finalists who met in the Swiss rounds leave part of the playoffs' budget unspent (with
+    judge.both_orders, about half of it): the next texts by record join them, an end at a time, while the
+    playoffs still fit in `room`. Each end is (its finalists, every text in order of its record)."""
+    finalists = {u for group, _ in ends for u in group}
+    grown = True
+    while grown:
+        grown = False
+        for group, standing in ends:
+            nearest = next((u for u in standing if u not in finalists), None)
+            if nearest is None:
+                continue
+            group.append(nearest)
+            if _playoff_cost([g for g, _ in ends], asked, both_orders) <= room:
+                finalists.add(nearest)
+                grown = True
+            else:
+                group.pop()
+
+
 def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True):
     """Best and worst with few comparisons: Swiss rounds, then a playoff at each end.
 
     Every round pairs texts with equal records (one comparison each, in a random order, so position
     bias is noise rather than a bias for one text), so a single wrong verdict only delays the best
     instead of knocking it out. After the planned rounds the texts with the fewest losses and those
-    with the fewest wins each play a round robin, each pair in the order it has not met in; then the
+    with the fewest wins each play a round robin, each pair in the order it has not met in (the next texts
+    by record join the playoffs while what earlier meetings saved pays for them); then the
     two leaders of the top playoff, and the two last of the bottom one, meet again in their other order
     (with judge.both_orders every playoff pair is asked in both orders and there is no rematch). The
     final standing puts the top playoff above the rest above the bottom playoff, each ranked by its
@@ -204,9 +238,14 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
         asked = _orders(_random_order(pairs, rng), cfg.both_orders)
         asked_before.update(asked)
         _record(wins, losses, asked, (yield asked))
-    top = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))[: plan.top]
-    bottom = [u for u in sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u])) if u not in top]
-    bottom = bottom[: plan.bottom] if worst else []
+    fewest_losses = sorted(range(m), key=lambda u: (losses[u], -wins[u], tiebreak[u]))
+    fewest_wins = sorted(range(m), key=lambda u: (wins[u], -losses[u], tiebreak[u]))
+    top = fewest_losses[: plan.top]
+    bottom = [u for u in fewest_wins if u not in top][: plan.bottom] if worst else []
+    room = plan.budget - len(asked_before)
+    if not worst:  # the bottom playoff's share stays unasked
+        room -= _playoff_comparisons(plan.bottom, 2 if cfg.both_orders else 1)
+    _grow_playoffs([(top, fewest_losses)] + ([(bottom, fewest_wins)] if worst else []), room, asked_before, cfg.both_orders)
     if cfg.both_orders:
         asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
     else:

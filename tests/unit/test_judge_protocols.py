@@ -65,7 +65,7 @@ def test_a_noise_free_tournament_finds_the_best_and_the_worst_with_a_third_of_th
     assert rr.calls == rr.round_robin_comparisons == 153 and sorted(rr.reward) == [i / 17 for i in range(18)]
 
 
-@pytest.mark.parametrize("budget,both_orders", [(1 / 3, False), (0.5, False), (1 / 3, True)])
+@pytest.mark.parametrize("budget,both_orders", [(1 / 3, False), (0.5, False), (1 / 3, True), (0.5, True)])
 def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_robin_only_for_few_texts(budget, both_orders):
     """...and an error-free judge always finds the best and the worst, whatever the count of texts."""
     cfg = judge("judge.pairwise=tournament", f"judge.tournament_budget={budget}", f"judge.both_orders={both_orders}")
@@ -83,6 +83,20 @@ def test_the_tournament_never_asks_more_than_its_budget_and_falls_back_to_round_
             assert texts[r.reward.index(1.0)] == max(texts, key=score.get), (n, seed, worst)
             if worst:
                 assert texts[r.reward.index(0.0)] == min(texts, key=score.get), (n, seed)
+
+
+def test_with_both_orders_the_playoffs_spend_what_finalists_who_already_met_leave():
+    """Finalists who met in the Swiss rounds in both orders need not be asked again; the next texts by
+    record take their place in the playoffs, so the tournament asks nearly its whole budget (102 of 306)
+    instead of 86-92, and still finds the best and the worst."""
+    cfg = judge("judge.pairwise=tournament", "judge.both_orders=true")
+    for seed in range(20):
+        texts, score = distinct_texts(18, seed)
+        backend = Ranked(score)
+        [r] = asyncio.run(score_tasks(backend, [JudgeTask(PASSAGE, texts)], cfg))
+        assert 94 <= r.calls == len(set(backend.asked)) <= 102, seed
+        assert texts[r.reward.index(1.0)] == max(texts, key=score.get)
+        assert texts[r.reward.index(0.0)] == min(texts, key=score.get)
 
 
 def test_a_third_of_round_robin_is_a_third_even_where_the_float_lands_below_it():
