@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +106,38 @@ def choice_tokens(tokenizer, text: str, choices: Sequence[str]) -> tuple[list[in
     return seqs[0][:shared], [s[shared:] for s in seqs]
 
 
+class OneCallAtATime:
+    """An engine's blocking calls, run in a worker thread one at a time. `timeout_s` limits a call's own
+    run, timed from when it gets the engine, so a call queued behind a long one is not failed by the
+    wait. A thread cannot be stopped: a call that times out keeps the engine until its thread ends, and
+    the next call starts (and is timed) on an idle engine."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine = asyncio.Lock()
+
+    async def run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a lock belongs to one event loop; asyncio.run ends only when its threads have
+            self._loop, self._engine = loop, asyncio.Lock()
+        engine = self._engine
+        await engine.acquire()
+        try:
+            call = loop.run_in_executor(None, fn, *args)
+        except BaseException:
+            engine.release()
+            raise
+        call.add_done_callback(lambda done: self._release(engine, done))
+        return await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+
+    @staticmethod
+    def _release(engine: asyncio.Lock, call: asyncio.Future) -> None:
+        engine.release()
+        if not call.cancelled():
+            call.exception()  # a timed-out caller is gone: its run's error is retrieved here, not logged as lost
+
+
 class HFEngine:
     """transformers generation inside the replica: one generate call at a time, `batch_size` rows each."""
 
@@ -125,7 +156,7 @@ class HFEngine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-        self._lock = threading.Lock()
+        self.calls = OneCallAtATime(cfg.timeout_s)
         torch.manual_seed(cfg.seed)
 
     async def generate(
@@ -134,9 +165,7 @@ class HFEngine:
         """`temperature` / `top_p` override the config's (the local OpenAI server passes a request's own)."""
         temperature = self.cfg.temperature if temperature is None else temperature
         top_p = self.cfg.top_p if top_p is None else top_p
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(None, self._generate, requests, temperature, top_p)
-        return await asyncio.wait_for(call, self.cfg.timeout_s)
+        return await self.calls.run(self._generate, requests, temperature, top_p)
 
     def _generate(self, requests: list[GenRequest], temperature: float, top_p: float) -> list[list[str]]:
         import torch
@@ -148,7 +177,7 @@ class HFEngine:
             groups.setdefault(r.prompt.stop, []).append(i)
         texts = [""] * len(rows)
         sample = temperature > 0
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             for stop, members in groups.items():
                 for start in range(0, len(members), self.cfg.batch_size):
                     chunk = members[start : start + self.cfg.batch_size]
@@ -170,9 +199,7 @@ class HFEngine:
         return per_request(requests, texts)
 
     async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(None, self._choice_probs, prompts, choices)
-        return await asyncio.wait_for(call, self.cfg.timeout_s)
+        return await self.calls.run(self._choice_probs, prompts, choices)
 
     def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
         """Each choice's tokens scored by teacher forcing (their log-probabilities summed), normalised.
@@ -182,10 +209,9 @@ class HFEngine:
         """
         parts = [choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices) for prompt in prompts]
         scores = []
-        with self._lock:
-            for start in range(0, len(parts), self.cfg.batch_size):
-                chunk = parts[start : start + self.cfg.batch_size]
-                scores += self._score_rests([context for context, _ in chunk], [rests for _, rests in chunk])
+        for start in range(0, len(parts), self.cfg.batch_size):
+            chunk = parts[start : start + self.cfg.batch_size]
+            scores += self._score_rests([context for context, _ in chunk], [rests for _, rests in chunk])
         return [normalised(s) for s in scores]
 
     def _score_rests(self, contexts: list[list[int]], rests: list[list[list[int]]]) -> list[list[float]]:
@@ -237,12 +263,11 @@ class HFEngine:
 
         def run() -> list[list[tuple[str, float]]]:
             rows = [self.tokenizer.encode(render_prompt(self.tokenizer, p), add_special_tokens=False) for p in prompts]
-            with self._lock:
-                top = self._next_logprobs(rows).topk(k)
+            top = self._next_logprobs(rows).topk(k)
             return [[(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
                     for ids, values in zip(top.indices, top.values)]
 
-        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, run), self.cfg.timeout_s)
+        return await self.calls.run(run)
 
 
 class VLLMEngine:
@@ -269,11 +294,10 @@ class VLLMEngine:
             seed=cfg.seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self._lock = threading.Lock()
+        self.calls = OneCallAtATime(cfg.timeout_s)
 
     async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(None, self._generate, requests), self.cfg.timeout_s)
+        return await self.calls.run(self._generate, requests)
 
     def _generate(self, requests: list[GenRequest]) -> list[list[str]]:
         from vllm import SamplingParams
@@ -289,14 +313,11 @@ class VLLMEngine:
             )
             for r in requests
         ]
-        with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[o.text for o in out.outputs] for out in outputs]
 
     async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(None, self._choice_probs, prompts, choices)
-        return await asyncio.wait_for(call, self.cfg.timeout_s)
+        return await self.calls.run(self._choice_probs, prompts, choices)
 
     def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
         """Each choice appended to the prompt and scored by the engine's prompt log-probabilities."""
@@ -308,8 +329,7 @@ class VLLMEngine:
             seqs += [(context + rest, len(rest)) for rest in rests]
         # prompt_logprobs=1: each prompt token's own log-probability (and the top one's, unused)
         params = SamplingParams(max_tokens=1, prompt_logprobs=1)
-        with self._lock:
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
         scores = [
             sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids)))
             for (ids, n), out in zip(seqs, outputs, strict=True)
