@@ -216,7 +216,8 @@ class LLMConfig(Section):
     max_retries: int = Field(2, ge=0, description="new tries for an unparseable answer before the judgment is dropped")
     http_retries: int = Field(4, ge=0, description="openai: new tries after a 429, a 5xx or a connection error")
     backoff_s: float = Field(0.5, ge=0, description="openai: first wait before a retry; doubles each time")
-    timeout_s: float = Field(120.0, gt=0, description="limit on one HTTP request (openai) or one generate call (hf, vllm)")
+    timeout_s: float = Field(
+        120.0, gt=0, description="limit on one HTTP request (openai) or one engine call, from when the engine takes it up (hf, vllm)")
     concurrency: int = Field(16, ge=1, description="openai: requests in flight per replica")
     continue_final_message: bool = Field(
         False, description="openai: the server continues a prefilled answer start (vLLM servers and sip.serve.openai_server do)"
