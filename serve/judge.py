@@ -24,6 +24,7 @@ comparison), and the candidates it concerned are marked incomplete, so selection
 
 from __future__ import annotations
 
+import hashlib
 import random
 from itertools import combinations
 from statistics import mean
@@ -379,14 +380,49 @@ def combine(scores: dict[str, float | None], weights: dict[str, float]) -> float
     return sum(weights[name] * s for name, s in judged.items()) / total if total else 0.0
 
 
+class FlippedVerdicts:
+    """A backend whose verdicts are flipped (v -> 1 - v) at a rate per kind (judge.flip_rates): a judge
+    that errs, simulated on top of an exact one. Whether a verdict flips is decided by a hash of its
+    query, so the same query always gets the same verdict (a run and its resume see the same errors)
+    and the two orders of a pair err independently. A failed judgment stays failed."""
+
+    def __init__(self, backend: JudgeBackend, rates: dict[str, float]):
+        self.backend, self.rates = backend, rates
+
+    @property
+    def last_unparsed(self) -> str | None:
+        return getattr(self.backend, "last_unparsed", None)
+
+    def _flipped(self, kind: str, queries: list[tuple], verdicts: list[Verdict]) -> list[Verdict]:
+        rate = self.rates.get(kind, 0.0)
+        out = []
+        for (passage, *texts), v in zip(queries, verdicts, strict=True):
+            key = "\x00".join([kind, passage.prefix, passage.suffix, *texts]).encode()
+            draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+            out.append(1 - v if v is not None and draw < rate else v)
+        return out
+
+    async def compare(self, queries: list[tuple[Passage, str, str]]) -> list[Verdict]:
+        return self._flipped("quality", queries, await self.backend.compare(queries))
+
+    async def safety(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        return self._flipped("safety", queries, await self.backend.safety(queries))
+
+    async def factuality(self, queries: list[tuple[Passage, str]]) -> list[Verdict]:
+        return self._flipped("factuality", queries, await self.backend.factuality(queries))
+
+
 @serve.deployment
 class Judge(TeacherReplica):
     def __init__(self, cfg: JudgeConfig, data_cfg: DataConfig):
         super().__init__(cfg, data_cfg, make_judge_backend(cfg.backend, data_cfg, cfg.llm), self.score)
+        self.training_backend = FlippedVerdicts(self.backend, cfg.flip_rates) if cfg.flip_rates else self.backend
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def score(self, tasks: list[JudgeTask]) -> list[JudgeResult]:
-        return await score_tasks(self.backend, tasks, self.cfg)
+        """Training's rewards (with judge.flip_rates, from a judge that errs); the verdicts of the methods
+        below, which evaluation uses, are never flipped."""
+        return await score_tasks(self.training_backend, tasks, self.cfg)
 
     async def pointwise(self, objective: str, queries: list[tuple[Passage, str]]) -> list[Verdict]:
         """One objective's verdicts on given texts: evaluation uses this."""

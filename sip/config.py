@@ -320,6 +320,11 @@ class JudgeConfig(DeploymentConfig):
         1 / 3, gt=0, le=1, description="tournament: the most comparisons it may ask, as a share of round robin's; the "
         "rounds and finalists are cut to fit, and a sample too small for a plan that fits (10 or fewer distinct texts at a "
         "third) gets a round robin")
+    flip_rates: dict[Literal["quality", "factuality", "safety"], float] = Field(
+        default_factory=dict,
+        description="a judge that errs, simulated: this share of the training judge's verdicts of each kind is flipped "
+        "(v -> 1 - v), each decided by a hash of its query, so runs and resumes see the same errors; evaluation's verdicts "
+        "are never flipped. E.g. {quality: 0.2}, as an LLM judge that gets a fifth of its comparisons wrong")
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,
         description="stop the run when more than this share of judgments gave no verdict over the last failure_window steps",
@@ -329,6 +334,14 @@ class JudgeConfig(DeploymentConfig):
         0, ge=0, description="every this many steps, compare the judge's verdicts on the step's candidates with the "
         "world teacher's (judge_audit in metrics.jsonl; train/judge_audit.py); 0 = off")
     audit_samples: int = Field(4, ge=1, description="samples of the step an audit scores")
+
+    @field_validator("flip_rates")
+    @classmethod
+    def _rates(cls, rates: dict[str, float]) -> dict[str, float]:
+        bad = {kind: rate for kind, rate in rates.items() if not 0 <= rate <= 1}
+        if bad:
+            raise ValueError(f"flip rates are shares of verdicts, from 0 to 1: {bad}")
+        return rates
 
     @field_validator("weights")
     @classmethod
