@@ -319,7 +319,7 @@ class JudgeConfig(DeploymentConfig):
     tournament_budget: float = Field(
         1 / 3, gt=0, le=1, description="tournament: the most comparisons it may ask, as a share of round robin's; the "
         "rounds and finalists are cut to fit, and a sample too small for a plan that fits (10 or fewer distinct texts at a "
-        "third) gets a round robin")
+        "third, 9 or fewer with both_orders) gets a round robin")
     flip_rates: dict[Literal["quality", "factuality", "safety"], float] = Field(
         default_factory=dict,
         description="a judge that errs, simulated: this share of the training judge's verdicts of each kind is flipped "
