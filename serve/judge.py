@@ -147,7 +147,7 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     unbeaten (or winless) than each playoff holds, so a judge without errors always finds the best and the
     worst. The Swiss rounds take the rest of the budget: full rounds (at most judge.tournament_rounds), then
     a partial one. None when nothing fits (few texts: a round robin instead)."""
-    orders = 2 if cfg.both_orders else 1
+    orders = cfg.orders
     # a share such as 1/3 is a float a hair under the fraction: a third of 300 pairs must be 100, not 99
     budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2 + 1e-9)
     per_round = (m + 1) // 2
@@ -168,11 +168,11 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     return None
 
 
-def _unasked_order(pairs, asked: set[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
-    """Each pair in the order it has not been asked in (a random one if neither); pairs asked in both
-    orders already are left out: asking again would add no verdict."""
+def _unasked_order(pairs, asked: set[tuple[int, int]], rng: random.Random | None) -> list[tuple[int, int]]:
+    """Each pair in the order it has not been asked in (a random one if neither; as listed without `rng`);
+    pairs asked in both orders already are left out: asking again would add no verdict."""
     out = []
-    for a, b in _random_order(pairs, rng):
+    for a, b in pairs if rng is None else _random_order(pairs, rng):
         if (a, b) not in asked:
             out.append((a, b))
         elif (b, a) not in asked:
@@ -180,15 +180,20 @@ def _unasked_order(pairs, asked: set[tuple[int, int]], rng: random.Random) -> li
     return out
 
 
+def _playoffs(groups: list[list[int]], asked: set[tuple[int, int]], both_orders: bool,
+              rng: random.Random | None) -> list[tuple[int, int]]:
+    """The comparisons of a playoff in each group: with both_orders every pair in both orders (a verdict
+    asked before is reused, not asked again), otherwise each pair in the order it has not been asked in."""
+    pairs = [pair for group in groups for pair in combinations(group, 2)]
+    if both_orders:
+        return [(a, b) for x, y in pairs for a, b in ((x, y), (y, x))]
+    return _unasked_order(pairs, asked, rng)
+
+
 def _playoff_cost(groups: list[list[int]], asked: set[tuple[int, int]], both_orders: bool) -> int:
-    """The comparisons these playoffs would still ask (a pair is not asked again in an order it was
-    asked in; in one order, a pair met in either order is asked in the other), with a rematch at each end."""
-    cost = 0
-    for group in groups:
-        for x, y in combinations(group, 2):
-            unasked = ((x, y) not in asked) + ((y, x) not in asked)
-            cost += unasked if both_orders else min(unasked, 1)
-    return cost + (0 if both_orders else sum(len(group) >= 2 for group in groups))
+    """The comparisons these playoffs would still ask, with, in one order, a rematch at each end."""
+    new = sum(pair not in asked for pair in _playoffs(groups, asked, both_orders, rng=None))
+    return new + (0 if both_orders else sum(len(group) >= 2 for group in groups))
 
 
 def _grow_playoffs(ends: list[tuple[list[int], list[int]]], room: int, asked: set[tuple[int, int]],
@@ -245,12 +250,9 @@ def _tournament(m: int, cfg: JudgeConfig, rng: random.Random, worst: bool = True
     bottom = [u for u in fewest_wins if u not in top][: plan.bottom] if worst else []
     room = plan.budget - len(asked_before)
     if not worst:  # the bottom playoff's share stays unasked
-        room -= _playoff_comparisons(plan.bottom, 2 if cfg.both_orders else 1)
+        room -= _playoff_comparisons(plan.bottom, cfg.orders)
     _grow_playoffs([(top, fewest_losses)] + ([(bottom, fewest_wins)] if worst else []), room, asked_before, cfg.both_orders)
-    if cfg.both_orders:
-        asked = [(a, b) for group in (top, bottom) for x, y in combinations(group, 2) for a, b in ((x, y), (y, x))]
-    else:
-        asked = [pair for group in (top, bottom) for pair in _unasked_order(list(combinations(group, 2)), asked_before, rng)]
+    asked = _playoffs([top, bottom], asked_before, cfg.both_orders, rng)
     asked_before.update(asked)
     points = [0.0] * m
     _tally(points, asked, (yield asked))
@@ -332,7 +334,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
             calls[t] += sample.calls
             comparisons[t] = sample.calls
             m = len(sample.texts)
-            round_robin_comparisons[t] = (2 if cfg.both_orders else 1) * m * (m - 1) // 2
+            round_robin_comparisons[t] = cfg.orders * m * (m - 1) // 2
             failures[t] += sample.failures
             scores[t]["quality"] = [quality[u] for u in sample.of_candidate]
             complete[t] = [u not in sample.failed for u in sample.of_candidate]

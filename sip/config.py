@@ -335,6 +335,11 @@ class JudgeConfig(DeploymentConfig):
         "world teacher's (judge_audit in metrics.jsonl; train/judge_audit.py); 0 = off")
     audit_samples: int = Field(4, ge=1, description="samples of the step an audit scores")
 
+    @property
+    def orders(self) -> int:
+        """How many times a pair of texts is compared: in both orders with both_orders, else once."""
+        return 2 if self.both_orders else 1
+
     @field_validator("flip_rates")
     @classmethod
     def _rates(cls, rates: dict[str, float]) -> dict[str, float]:
