@@ -278,62 +278,36 @@ class VLLMEngine:
     def __init__(self, cfg: LLMConfig):
         path_like = cfg.model.startswith(("~", "/", ".")) or Path(cfg.model).expanduser().exists()
         model = str(model_folder(cfg.model)) if path_like else cfg.model  # else a hub name (GPU clusters)
-        from sip.vllm_adapter import import_vllm
+        from sip import vllm_adapter
 
         try:
-            LLM = import_vllm(offline=path_like).LLM
+            self.llm, self.tokenizer = vllm_adapter.text_engine(
+                model, offline=path_like, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed)
         except ImportError as err:
             raise EngineError(f"backend=vllm: {err}") from err
         self.cfg = cfg
-        self.llm = LLM(
-            model=model,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            seed=cfg.seed,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
+        self.vllm = vllm_adapter
         self.calls = OneCallAtATime(cfg.timeout_s)
 
     async def generate(self, requests: list[GenRequest]) -> list[list[str]]:
         return await self.calls.run(self._generate, requests)
 
     def _generate(self, requests: list[GenRequest]) -> list[list[str]]:
-        from vllm import SamplingParams
-
         prompts = [render_prompt(self.tokenizer, r.prompt) for r in requests]
-        params = [
-            SamplingParams(
-                n=r.n,
-                max_tokens=r.max_tokens,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
-                stop=list(r.prompt.stop) or None,
-            )
-            for r in requests
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[o.text for o in out.outputs] for out in outputs]
+        asked = [(r.n, r.max_tokens, list(r.prompt.stop)) for r in requests]
+        return self.vllm.complete(self.llm, prompts, asked, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
 
     async def choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
         return await self.calls.run(self._choice_probs, prompts, choices)
 
     def _choice_probs(self, prompts: list[ChatPrompt], choices: Sequence[str]) -> list[list[float]]:
         """Each choice appended to the prompt and scored by the engine's prompt log-probabilities."""
-        from vllm import SamplingParams
-
         seqs = []
         for prompt in prompts:
             context, rests = choice_tokens(self.tokenizer, render_prompt(self.tokenizer, prompt), choices)
             seqs += [(context + rest, len(rest)) for rest in rests]
-        # prompt_logprobs=1: each prompt token's own log-probability (and the top one's, unused)
-        params = SamplingParams(max_tokens=1, prompt_logprobs=1)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
-        scores = [
-            sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids)))
-            for (ids, n), out in zip(seqs, outputs, strict=True)
-        ]
+        scores = self.vllm.ending_logprobs(self.llm, seqs)
         k = len(choices)
         return [normalised(scores[i : i + k]) for i in range(0, len(scores), k)]
 

@@ -78,6 +78,40 @@ def sample(llm, prefixes: list[list[int]], k: int, n: int, *, temperature: float
     return [samples[i * k:(i + 1) * k] for i in range(len(prefixes))]
 
 
+# The judge's and rewriter's engine (serve/engines.py): chat text in, text or choice log-probabilities out.
+
+
+def text_engine(model: str, *, offline: bool, dtype: str, max_model_len: int, enforce_eager: bool,
+                gpu_memory_utilization: float, seed: int):
+    """An engine and its tokenizer, for a model folder or (offline=False, GPU clusters) a hub name."""
+    vllm = import_vllm(offline=offline)
+    llm = vllm.LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                   gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    return llm, llm.get_tokenizer()
+
+
+def complete(llm, prompts: list[str], requests: list[tuple[int, int, list[str]]], *, temperature: float,
+             top_p: float) -> list[list[str]]:
+    """For each prompt (rendered text) and its (n, max_tokens, stop strings), n sampled answers, scheduled together."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop or None)
+              for n, max_tokens, stop in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[o.text for o in out.outputs] for out in outputs]
+
+
+def ending_logprobs(llm, sequences: list[tuple[list[int], int]]) -> list[float]:
+    """For each (token ids, n), the summed log-probability of its last n tokens given what precedes them."""
+    from vllm import SamplingParams
+
+    # prompt_logprobs=1: each prompt token's own log-probability (and the top one's, unused)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids, _ in sequences], params, use_tqdm=False)
+    return [sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids)))
+            for (ids, n), out in zip(sequences, outputs, strict=True)]
+
+
 def shutdown(llm) -> None:
     """Stop the engine core now, releasing its process groups (vLLM otherwise does it at exit)."""
     llm.llm_engine.engine_core.shutdown()
