@@ -168,7 +168,8 @@ class VLLMRolloutConfig(Section):
 
 
 class RolloutConfig(Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: a vLLM engine per generator")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: sip's decoding loop on the policy (samples as transformers generate does); "
+                                                          "vllm: a vLLM engine per generator")
     num_generators: int = Field(1, ge=1)
     k: int = Field(4, ge=0, description="rollouts sampled per prefix")
     temperature: float = Field(1.0, gt=0)

@@ -1,5 +1,5 @@
-"""Every README command through the real CLI, at a tiny size, on a `ray start --head` cluster with
-token auth on; and the things a shared cluster brings: a busy output folder, CPUs another job holds,
+"""The README's `sip` commands (config, serve, train, eval, experiment) through the real CLI, at a tiny
+size, on a `ray start --head` cluster with token auth on; and the things a shared cluster brings: a busy output folder, CPUs another job holds,
 and the Serve apps of a run whose driver was killed."""
 
 import json
