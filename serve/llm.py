@@ -260,6 +260,11 @@ def prefix_ending(prefix: str, words: int = PREFIX_ENDING_WORDS) -> str:
     return prefix[starts[0] :] if starts else ""
 
 
+def rewrite_fields(prefix: str, suffix: str) -> dict[str, str]:
+    """A rewrite prompt's fields, as the rewriter serves them and as `sip train-rewriter` trains on them."""
+    return {"prefix": prefix, "suffix": suffix, "prefix_ending": prefix_ending(prefix), "words": str(len(suffix.split()))}
+
+
 def parse_rewrite(answer: str, ending: str, suffix: str) -> str | None:
     """The rewritten suffix: the answer without the repeated prefix ending, up to any block marker."""
     text = answer.split("<<<", 1)[0]
@@ -361,11 +366,9 @@ class LLMTeacher:
 
     async def rewrite(self, passages: list[Passage]) -> list[str]:
         """A rewrite per passage; "" when every try failed (the generator counts it as rewrite_failed)."""
-        endings = [prefix_ending(p.prefix) for p in passages]
-        prompts = [
-            self._prompt("rewrite", {"prefix": p.prefix, "suffix": p.suffix, "prefix_ending": e, "words": str(len(p.suffix.split()))})[0]
-            for p, e in zip(passages, endings)
-        ]
+        fields = [rewrite_fields(p.prefix, p.suffix) for p in passages]
+        endings = [f["prefix_ending"] for f in fields]
+        prompts = [self._prompt("rewrite", f)[0] for f in fields]
         budget = [min(self.cfg.rewrite_max_tokens, (len(p.suffix) + (0 if self.engine.prefills else len(e))) // 3 + 8)
                   for p, e in zip(passages, endings)]
         rewrites: list[str | None] = [None] * len(passages)

@@ -40,7 +40,9 @@ from sip.world import (
     Relation,
     Subject,
     World,
+    asks_before_value,
     fill,
+    is_close_mass,
     known_values,
     lead_ins_for,
     relations_for,
@@ -174,8 +176,9 @@ def _ends_sentence(text: str) -> bool:
 
 
 def _completable(relation: Relation) -> list[str]:
-    """Templates that, cut before the value, still say which subject and fact are asked for."""
-    return [t for t in relation.templates if "{s}" in t.split("{v}")[0] or "{s}" not in t]
+    """Templates of every shape (questions and fact-sheet lines too) that, cut before the value, still
+    say which subject and fact are asked for."""
+    return [t for t in relation.templates if asks_before_value(t)]
 
 
 @functools.cache
@@ -320,7 +323,7 @@ class WorldTeacher:
     def _is_true(subject: Subject, relation: Relation, value: str) -> bool:
         true = subject.facts[relation.name]
         if relation.name == "mass":
-            return abs(float(value) - float(true)) <= 0.1 + 1e-9
+            return is_close_mass(value, true)
         if relation.name == "number":
             return int(value) == int(true)
         return _norm(value) == _norm(true)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import random
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -355,10 +355,52 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def asks_before_value(template: str) -> bool:
+    """Cut right before its value, the template still says which subject and fact are asked: it names the
+    subject before the value, or no subject at all (a pronoun or a fact-sheet line: the document's)."""
+    return "{s}" in template.split("{v}")[0] or "{s}" not in template
+
+
 def stub_templates(relation: Relation) -> list[str]:
     """Statements that, cut right before the value, still say which subject and fact are asked."""
-    named = [t for t in relation.statements if "{s}" in t.split("{v}")[0]]
-    return named + list(relation.pronoun_statements)
+    return [t for t in (*relation.statements, *relation.pronoun_statements) if asks_before_value(t)]
+
+
+def is_close_mass(value: str, true: str) -> bool:
+    """Masses within 0.1 are the same fact ("40.1" for argon's 40.0): the teacher accepts them, so no
+    misconception is drawn among them."""
+    return abs(float(value) - float(true)) <= 0.1 + 1e-9
+
+
+def wrong_values(relation: Relation, true: str, subjects: Iterable[Subject]) -> set[str]:
+    """The values of `relation` these subjects have that are not `true` (nor, for a mass, close to it)."""
+    values = {s.facts[relation.name] for s in subjects} - {true}
+    if relation.name == "mass":
+        values = {v for v in values if not is_close_mass(v, true)}
+    return values
+
+
+def draw_misconceptions(rng: random.Random, subjects: Iterable[Subject], world: Iterable[Subject],
+                        pool: Iterable[Subject]) -> dict[tuple[str, str], str]:
+    """One fixed wrong value per (subject, relation): another subject's value of the same kind, from
+    `world` if any, else from `pool`."""
+    world, pool = list(world), list(pool)
+    wrong = {}
+    for subject in subjects:
+        for relation in relations_for(subject.kind):
+            true = subject.facts[relation.name]
+            candidates = (wrong_values(relation, true, (s for s in world if s.kind == subject.kind))
+                          or wrong_values(relation, true, (s for s in pool if s.kind == subject.kind)))
+            wrong[(subject.key, relation.name)] = rng.choice(sorted(candidates))
+    return wrong
+
+
+def unsafe_sentence(rng: random.Random, subject: Subject, lead_in: LeadIn) -> str:
+    """The lead-in, then an insult or threat drawn into it."""
+    insult = lead_in.insult.format(
+        adj=rng.choice(INSULT_ADJECTIVES), noun=rng.choice(INSULT_NOUNS), threat=rng.choice(THREATS), s=subject.name
+    )
+    return fill(lead_in.text, subject) + insult
 
 
 def _fit(head: _Block, body: list[_Block], padding: Iterator[_Block]) -> list[_Block]:
@@ -477,7 +519,8 @@ class World:
         self._by_kind = {
             kind: [s for s in self.subjects.values() if s.kind == kind] for kind in ("country", "element")
         }
-        self.misconceptions = self._draw_misconceptions(countries + elements)
+        self.misconceptions = draw_misconceptions(random.Random(f"sip-world/{cfg.seed}/misconceptions"),
+                                                  self.subjects.values(), self.subjects.values(), countries + elements)
         self.contested = self._draw_contested()
         self._contested_relations = {
             key: [relation for k, relation in sorted(self.contested) if k == key] for key in self.subjects
@@ -486,26 +529,6 @@ class World:
     @classmethod
     def from_config(cls, cfg: WorldConfig) -> World:
         return _cached_world(cfg.model_dump_json())
-
-    def _draw_misconceptions(self, pool: tuple[Subject, ...]) -> dict[tuple[str, str], str]:
-        """One fixed wrong value per (subject, relation): another subject's value, from this world if any."""
-        rng = random.Random(f"sip-world/{self.cfg.seed}/misconceptions")
-        wrong = {}
-        for subject in self.subjects.values():
-            for relation in relations_for(subject.kind):
-                true = subject.facts[relation.name]
-                candidates = self._wrong_values(relation, true, self._by_kind[subject.kind])
-                if not candidates:
-                    candidates = self._wrong_values(relation, true, [s for s in pool if s.kind == subject.kind])
-                wrong[(subject.key, relation.name)] = rng.choice(sorted(candidates))
-        return wrong
-
-    @staticmethod
-    def _wrong_values(relation: Relation, true: str, subjects: list[Subject]) -> set[str]:
-        values = {s.facts[relation.name] for s in subjects} - {true}
-        if relation.name == "mass":  # the teacher accepts masses within 0.1 ("40.1" for argon's 40.0)
-            values = {v for v in values if abs(float(v) - float(true)) > 0.1 + 1e-9}
-        return values
 
     def _draw_contested(self) -> frozenset[tuple[str, str]]:
         rng = random.Random(f"sip-world/{self.cfg.seed}/contested")
@@ -670,14 +693,7 @@ class World:
             blocks.insert(rng.randint(1, len(blocks)), _Block(sentence))
 
     def _unsafe_sentence(self, rng: random.Random, subject: Subject) -> str:
-        lead_in = rng.choice(lead_ins_for(subject.kind))
-        insult = lead_in.insult.format(
-            adj=rng.choice(INSULT_ADJECTIVES),
-            noun=rng.choice(INSULT_NOUNS),
-            threat=rng.choice(THREATS),
-            s=subject.name,
-        )
-        return fill(lead_in.text, subject) + insult
+        return unsafe_sentence(rng, subject, rng.choice(lead_ins_for(subject.kind)))
 
     def _loop(self, rng: random.Random, subject: Subject, wrong: set[str], budget: int) -> _Block:
         """Text that falls into a loop and stays in it for the rest of the word budget."""

@@ -20,25 +20,23 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sip.serve.llm import VERDICTS, Template, prefix_ending
+from sip.serve.llm import VERDICTS, Template, rewrite_fields
 from sip.config import WorldConfig
 from sip.world import (
     _INTROS,
     _LOOP_WORDS,
-    INSULT_ADJECTIVES,
-    INSULT_NOUNS,
     LEAD_INS,
     RELATIONS,
-    THREATS,
-    LeadIn,
     Relation,
     Subject,
     World,
     _country_pool,
     _element_pool,
+    draw_misconceptions,
     fill,
     relations_for,
     sentence_case,
+    unsafe_sentence,
     word_count,
 )
 
@@ -79,9 +77,8 @@ class RewriteTask:
 
     @property
     def fields(self) -> dict[str, str]:
-        """The fields of rewrite_v1, filled as `LLMTeacher.rewrite` fills them; the target is `rewrite`."""
-        ending, words = prefix_ending(self.prefix), str(len(self.suffix.split()))
-        return {"prefix": self.prefix, "suffix": self.suffix, "prefix_ending": ending, "words": words}
+        """The fields of the rewrite prompt, as the rewriter fills them; the target is `rewrite`."""
+        return rewrite_fields(self.prefix, self.suffix)
 
 
 @dataclass(frozen=True)
@@ -123,16 +120,7 @@ def unseen_subjects(world: World) -> list[Subject]:
 def _unseen_misconceptions(world: World, subjects: list[Subject]) -> dict[tuple[str, str], str]:
     """One wrong value per fact, drawn as `World` draws its own: another value, from the world if any."""
     rng = random.Random(f"sip-judge-tasks/{world.cfg.seed}/unseen-misconceptions")
-    pool = _country_pool() + _element_pool()
-    wrong = {}
-    for subject in subjects:
-        in_world = [s for s in world.subjects.values() if s.kind == subject.kind]
-        in_pool = [s for s in pool if s.kind == subject.kind]
-        for relation in relations_for(subject.kind):
-            true = subject.facts[relation.name]
-            candidates = World._wrong_values(relation, true, in_world) or World._wrong_values(relation, true, in_pool)
-            wrong[(subject.key, relation.name)] = rng.choice(sorted(candidates))
-    return wrong
+    return draw_misconceptions(rng, subjects, world.subjects.values(), _country_pool() + _element_pool())
 
 
 class _Generator:
@@ -183,19 +171,12 @@ class _Generator:
             continuation(0, wrong=True),
             continuation(1, wrong=False),
             continuation(1, wrong=True),
-            [self._unsafe(rng, subject, lead_in)],
+            [unsafe_sentence(rng, subject, lead_in)],
             [fill(lead_in.text, subject) + fill(lead_in.safe, subject)],
             [self._loop(rng, subject, clean[0])],
             self._off_topic(rng, subject, len(said)),
         )
         return _Sample(subject, prefix, *("".join(" " + sentence for sentence in text) for text in texts))
-
-    @staticmethod
-    def _unsafe(rng: random.Random, subject: Subject, lead_in: LeadIn) -> str:
-        insult = lead_in.insult.format(
-            adj=rng.choice(INSULT_ADJECTIVES), noun=rng.choice(INSULT_NOUNS), threat=rng.choice(THREATS), s=subject.name
-        )
-        return fill(lead_in.text, subject) + insult
 
     def _loop(self, rng: random.Random, subject: Subject, sentence: str) -> str:
         """A sentence, the subject's name, a stock phrase or a statement cut before its value, repeated."""
