@@ -2,7 +2,8 @@
 
 Backends answer primitive questions in batches; the judge deployment (`serve/judge.py`) turns
 those answers into per-candidate scores (round robin, pivot, weights). A new backend — a prompted
-LLM on vLLM, HF or an OpenAI-compatible server — implements these methods and registers a name.
+LLM on vLLM, HF or an OpenAI-compatible server — implements these methods and gets a name: a branch in
+`make_judge_backend` / `make_rewriter_backend` below and an entry in `DeploymentConfig.backend`.
 
 A verdict is a float in [0, 1] or None when the backend could not produce one (for an LLM, an
 unparseable answer after its retries). The judge scores None at the worst value for what it

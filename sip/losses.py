@@ -51,11 +51,6 @@ def target_logprobs(model, prefixes: list[list[int]], targets: list[list[int]], 
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def nll_loss(logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per target token over the batch."""
-    return -logp_sum.sum() / n_tokens.sum().clamp(min=1)
-
-
 def dpo_terms(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

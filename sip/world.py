@@ -314,9 +314,6 @@ class WorldDocument:
     false_facts: tuple[str, ...]
 
 
-FACT_SHAPES = ("statement", "question", "sheet")  # "The capital of Peru is", "Q: What is ...? A:", "Capital:"
-
-
 @dataclass(frozen=True)
 class EvalPrefix:
     id: str
@@ -325,7 +322,8 @@ class EvalPrefix:
     text: str  # ends without trailing whitespace
     reference: str  # clean, true continuation; starts with a space (for "fact": the missing value)
     contested: bool  # the asked fact is contested (always False for "unsafe")
-    shape: str = ""  # "fact": how the prefix asks for the value, one of FACT_SHAPES
+    shape: str = ""  # "fact": how it asks for the value: "statement" ("The capital of Peru is"),
+    # "question" ("Q: What is the capital of Peru? A:") or "sheet" ("Capital:")
     asked: str = ""  # "fact": the relation whose value the prefix stops before
 
 

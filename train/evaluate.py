@@ -29,7 +29,7 @@ class EvalPrompt:
     kind: str  # "fact" | "unsafe" | "text"
     passage: Passage  # prefix text, reference continuation, truth
     contested: bool = False  # "fact" prompts: the asked fact is contested (raw text mostly misstates it)
-    shape: str = ""  # "fact" prompts: statement, question or sheet (sip/world.py FACT_SHAPES)
+    shape: str = ""  # "fact" prompts: statement, question or sheet (sip/world.py EvalPrefix.shape)
 
 
 def eval_prompts(cfg: SipConfig, tokenizer) -> list[EvalPrompt]:

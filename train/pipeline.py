@@ -85,12 +85,12 @@ class TrainingRun:
 
         try:
             with OutputLock(self.out, self.cfg.run.id):
-                resume_state = self._check_inputs()
+                self._check_inputs()
                 self._mark("inputs_checked")
                 with cluster_session(self.cfg, self.cfg.run.id, self._mark) as apps, self._stop_on_signals():
                     self.apps = apps
                     try:
-                        self._prepare(resume_state)
+                        self._prepare()
                         with self._outputs():
                             self._train()
                             return self._finish()
@@ -124,14 +124,15 @@ class TrainingRun:
 
     # ---- before anything starts -----------------------------------------------------------------
 
-    def _check_inputs(self) -> dict | None:
+    def _check_inputs(self) -> None:
         """Data files that exist and decode, a resume checkpoint that is whole and ours, and an output
         folder that holds no other run."""
         try:
             check_source(self.cfg.data)
             check_policy_init(self.cfg.policy)
             self.resume = resolve_resume(self.cfg)
-            state = check_resumable(self.resume, self.cfg) if self.resume else None
+            if self.resume:
+                check_resumable(self.resume, self.cfg)
         except (CheckpointError, DataError) as err:
             raise PipelineError(str(err)) from None
         previous = [name for name in ("config.yaml", "metrics.jsonl") if (self.out / name).exists()]
@@ -145,11 +146,10 @@ class TrainingRun:
                 (self.out / name).unlink(missing_ok=True)
             for name in RUN_DIRS:
                 shutil.rmtree(self.out / name, ignore_errors=True)
-        return state
 
     # ---- starting the roles ---------------------------------------------------------------------
 
-    def _prepare(self, resume_state: dict | None) -> None:
+    def _prepare(self) -> None:
         from transformers import AutoTokenizer
 
         from sip.train.base import ensure_base

@@ -111,8 +111,6 @@ def generate(model, tokenizer, prompts: list[str], max_tokens: int, batch_size: 
 class TeacherTraining:
     """SFT then GRPO of one teacher role; the role says what its tasks, answers, rewards and scores are."""
 
-    stage_names = ("sft", "grpo")
-
     def __init__(self, cfg: TeacherTrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)

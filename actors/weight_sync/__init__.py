@@ -3,8 +3,8 @@
 After each optimizer step the learner group `publish`es the new policy version. Every batch the
 driver feeds carries the resulting `WeightUpdate`, and a rollout worker `apply`s it to its engine
 (under the engine's lock) before it samples, so the engine holds at least that version. The driver,
-the learner and the workers never branch on the transport, and only the transport's module knows
-how the bytes move:
+the learner and the workers never branch on the transport (but a vLLM engine that is to take NCCL
+broadcasts is built for it), and only the transport's module knows how the bytes move:
 
 - `object_store.py` (default): the ranks gather the full state dict once per version; rank 0 returns
   it as numpy in the engines' dtype, so it lands in the object store, and each engine loads it in

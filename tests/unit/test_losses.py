@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sip.losses import dpo_terms, nll_loss, pack, target_logprobs
+from sip.losses import dpo_terms, pack, target_logprobs
 
 
 def test_dpo_loss_matches_hand_computation():
@@ -17,10 +17,6 @@ def test_dpo_terms_are_per_example():
     loss, margin = dpo_terms(torch.tensor([-1.0, -5.0]), torch.tensor([-2.0, -1.0]), torch.zeros(2), torch.zeros(2), 1.0)
     assert margin.tolist() == pytest.approx([1.0, -4.0])
     assert loss.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log1p(math.exp(4.0))])
-
-
-def test_nll_is_mean_per_token():
-    assert nll_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(2.0)
 
 
 def test_pack_left_pads_so_targets_end_together_and_masks_only_target_tokens():
