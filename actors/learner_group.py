@@ -13,10 +13,10 @@ import math
 import shutil
 from pathlib import Path
 
-from sip.actors.weight_sync import WeightUpdate, make_weight_sync
+from sip.actors.weight_sync import make_weight_sync
 from sip.checkpoint import CheckpointError, partial_dir
 from sip.config import SipConfig
-from sip.records import TrainExample
+from sip.records import TrainExample, WeightUpdate
 
 
 class LearnerDied(RuntimeError):

@@ -140,6 +140,11 @@ def _playoff_comparisons(t: int, orders: int) -> int:
     return orders * t * (t - 1) // 2 + (orders == 1)
 
 
+def round_robin_comparisons(m: int, cfg: JudgeConfig) -> int:
+    """What round robin asks for m distinct texts: every pair, twice with judge.both_orders."""
+    return cfg.orders * m * (m - 1) // 2
+
+
 def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     """The plan for m distinct texts: the most top finalists (judge.tournament_finalists down to 2), then the
     most bottom finalists (judge.tournament_bottom_finalists down to 2), whose playoffs leave enough of the
@@ -149,7 +154,7 @@ def tournament_plan(m: int, cfg: JudgeConfig) -> TournamentPlan | None:
     a partial one. None when nothing fits (few texts: a round robin instead)."""
     orders = cfg.orders
     # a share such as 1/3 is a float a hair under the fraction: a third of 300 pairs must be 100, not 99
-    budget = int(cfg.tournament_budget * orders * m * (m - 1) / 2 + 1e-9)
+    budget = int(cfg.tournament_budget * round_robin_comparisons(m, cfg) + 1e-9)
     per_round = (m + 1) // 2
     cap = min(cfg.tournament_rounds or m - 1, m - 1)
     for top in range(min(cfg.tournament_finalists, m // 2), 1, -1):  # the two playoffs must not overlap
@@ -323,7 +328,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
     weights = {name: w for name, w in cfg.weights.items() if w > 0}
     calls = [0] * len(tasks)
     comparisons = [0] * len(tasks)
-    round_robin_comparisons = [0] * len(tasks)
+    round_robin_sizes = [0] * len(tasks)
     failures = [0] * len(tasks)
     complete = [[True] * len(task.candidates) for task in tasks]
     scores: list[dict[str, list[float | None]]] = [{} for _ in tasks]
@@ -333,8 +338,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
         for t, (sample, quality) in enumerate(zip(samples, await _quality(backend, samples, cfg), strict=True)):
             calls[t] += sample.calls
             comparisons[t] = sample.calls
-            m = len(sample.texts)
-            round_robin_comparisons[t] = cfg.orders * m * (m - 1) // 2
+            round_robin_sizes[t] = round_robin_comparisons(len(sample.texts), cfg)
             failures[t] += sample.failures
             scores[t]["quality"] = [quality[u] for u in sample.of_candidate]
             complete[t] = [u not in sample.failed for u in sample.of_candidate]
@@ -366,7 +370,7 @@ async def score_tasks(backend: JudgeBackend, tasks: list[JudgeTask], cfg: JudgeC
             scores=scores[t],
             calls=calls[t],
             comparisons=comparisons[t],
-            round_robin_comparisons=round_robin_comparisons[t],
+            round_robin_comparisons=round_robin_sizes[t],
             failures=failures[t],
             failure_example=getattr(backend, "last_unparsed", None) if failures[t] else None,
         )

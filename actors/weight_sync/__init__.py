@@ -15,19 +15,10 @@ broadcasts is built for it), and only the transport's module knows how the bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from sip.config import SipConfig
-
-
-@dataclass(frozen=True)
-class WeightUpdate:
-    """What a batch carries so its rollouts come from policy `version` or newer."""
-
-    version: int
-    # object_store: (ObjectRef of the full state dict,). Inside a tuple, so Ray does not resolve it on the way.
-    refs: tuple[Any, ...] = ()
+from sip.records import WeightUpdate
 
 
 class WeightSync(Protocol):

@@ -12,8 +12,8 @@ The raw vLLM calls are in sip/vllm_adapter.py.
 
 from __future__ import annotations
 
-from sip.actors.weight_sync import WeightUpdate
 from sip.config import SipConfig
+from sip.records import WeightUpdate
 
 
 class NcclSync:

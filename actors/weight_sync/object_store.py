@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from sip.actors.weight_sync import WeightUpdate, wire_dtype
+from sip.actors.weight_sync import wire_dtype
 from sip.config import SipConfig
+from sip.records import WeightUpdate
 
 
 class ObjectStoreSync:
