@@ -46,6 +46,19 @@ def app_names(cfg: SipConfig) -> list[str]:
     return [JUDGE_APP, REWRITER_APP] if cfg.needs_rewriter else [JUDGE_APP]
 
 
+def check_prompts(cfg: SipConfig) -> None:
+    """The prompts of each LLM-backed app, checked in the driver before anything starts: a replica would
+    refuse them at start, with the reason deep in Serve's logs. ValueError says which."""
+    from sip.serve.backends import LLM_BACKENDS
+    from sip.serve.llm import JUDGE_KINDS, REWRITER_KINDS
+    from sip.serve.llm import check_prompts as check_llm_prompts
+
+    for name in app_names(cfg):
+        section = getattr(cfg, SECTIONS[name])
+        if section.backend in LLM_BACKENDS:
+            check_llm_prompts(section.llm, JUDGE_KINDS if name == JUDGE_APP else REWRITER_KINDS)
+
+
 def serve_config(cfg: SipConfig) -> dict:
     """A Serve multi-application config (the `serve deploy` / RayService `serveConfigV2` format)."""
     return {

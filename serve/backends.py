@@ -59,7 +59,7 @@ def make_rewriter_backend(name: str, data_cfg: Any, llm_cfg: Any = None) -> Rewr
 
         return WorldTeacher.from_config(data_cfg)
     if name in LLM_BACKENDS:
-        from sip.serve.llm import make_llm_backend
+        from sip.serve.llm import REWRITER_KINDS, make_llm_backend
 
-        return make_llm_backend(name, llm_cfg, ("rewrite",))
+        return make_llm_backend(name, llm_cfg, REWRITER_KINDS)
     raise ValueError(f"unknown rewriter backend '{name}'")

@@ -384,6 +384,7 @@ class LLMTeacher:
 
 
 JUDGE_KINDS = ("quality", "safety", "factuality", "coherence")
+REWRITER_KINDS = ("rewrite",)
 
 
 def _choices(cfg: LLMConfig, templates: dict[str, Template]) -> dict[str, dict[str, float]]:
@@ -393,9 +394,15 @@ def _choices(cfg: LLMConfig, templates: dict[str, Template]) -> dict[str, dict[s
     return {kind: verdict_choices(kind, t) for kind, t in templates.items() if kind in VERDICTS}
 
 
+def check_prompts(cfg: LLMConfig, kinds: Sequence[str]) -> None:
+    """Load the prompts of `kinds` and check them against llm.verdict; a ValueError says which does not
+    fit. It needs no model, so a driver runs it before deploying."""
+    _choices(cfg, {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds})
+
+
 def make_llm_backend(engine_name: str, cfg: LLMConfig, kinds: Sequence[str]) -> LLMTeacher:
     """Templates are loaded (and checked) before the engine, so a bad prompt fails fast."""
     from sip.serve.engines import make_engine
 
-    _choices(cfg, {kind: Template.load(cfg.prompts[kind], kind) for kind in kinds})
+    check_prompts(cfg, kinds)
     return LLMTeacher(make_engine(engine_name, cfg), cfg, kinds)

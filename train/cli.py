@@ -84,6 +84,12 @@ def eval_model(
     for folder in filter(None, (model, baseline, start_dir and Path(start_dir))):
         if not (folder / "config.json").exists():
             raise fail(f"{folder} is not a Hugging Face model folder (no config.json)", 2)
+    from sip.serve.apps import check_prompts
+
+    try:
+        check_prompts(cfg)
+    except ValueError as err:
+        raise fail(f"sip eval: {err}", 2) from None
     from rich.table import Table
 
     baseline_dir = str(baseline) if baseline else None
@@ -161,8 +167,13 @@ def serve_apps(
         print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
         return
     from sip.resources import ClusterError
+    from sip.serve.apps import check_prompts
     from sip.train.cluster import dashboard_address, deploy_apps
 
+    try:
+        check_prompts(cfg)
+    except ValueError as err:
+        raise fail(f"sip serve: {err}", 2) from None
     url = dashboard_address(address)
     try:
         running = deploy_apps(cfg, url, timeout)

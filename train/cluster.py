@@ -166,6 +166,13 @@ def wait_for_teachers(cfg: SipConfig, names: dict[str, str]) -> None:
     wait_for_apps([names[SECTIONS[n]] for n in app_names(cfg) if not getattr(cfg, SECTIONS[n]).attach], cfg.pipeline.timeout_s)
 
 
+def replica_error(message: str | None) -> str:
+    """What a deployment's replicas raised at start: the last line of the traceback in Serve's status
+    message (the rest, and the colours, are for the controller's log)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", message or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def wait_for_apps(names: list[str], timeout: float) -> None:
     from ray import serve
 
@@ -177,7 +184,8 @@ def wait_for_apps(names: list[str], timeout: float) -> None:
             app = apps.get(name)
             status = app.status if app else "NOT_STARTED"
             if status == "DEPLOY_FAILED":
-                raise ClusterError(f"Serve app {name} failed to deploy: {app.message}")
+                errors = [replica_error(d.message) for d in app.deployments.values() if d.status == "DEPLOY_FAILED"]
+                raise ClusterError(f"Serve app {name} failed to deploy: {app.message} {'; '.join(filter(None, errors))}")
             if status != "RUNNING":
                 waiting.append(f"{name} ({status})")
         if not waiting:
@@ -290,7 +298,9 @@ def deploy_apps(cfg: SipConfig, address: str, timeout: float) -> dict[str, int]:
         for name, (low, high) in wanted.items():
             app = apps.get(name) or {}
             if app.get("status") == "DEPLOY_FAILED":
-                raise ClusterError(f"Serve app '{name}' failed to deploy: {app.get('message')}")
+                errors = [replica_error(d.get("message")) for d in app.get("deployments", {}).values()
+                          if d.get("status") == "DEPLOY_FAILED"]
+                raise ClusterError(f"Serve app '{name}' failed to deploy: {app.get('message')} {'; '.join(filter(None, errors))}")
             deployment = app.get("deployments", {}).get(DEPLOYMENTS[name], {})
             up = sum(r.get("state") == "RUNNING" for r in deployment.get("replicas", []))
             if app.get("status") == "RUNNING" and low <= up <= high and deployment.get("target_num_replicas") == up:

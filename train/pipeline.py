@@ -37,6 +37,7 @@ from sip.train.checkpoints import CheckpointManager, Tally
 from sip.train.judge_audit import JudgeAudit
 from sip.train.ledger import BatchLedger, Entry
 from sip.records import SOURCES, Batch, JudgedBatch, TrainExample
+from sip.serve.apps import check_prompts
 from sip.train.run_lock import OutputLock, OutputLocked
 
 log = logging.getLogger("sip.train")
@@ -134,6 +135,10 @@ class TrainingRun:
             if self.resume:
                 check_resumable(self.resume, self.cfg)
         except (CheckpointError, DataError) as err:
+            raise PipelineError(str(err)) from None
+        try:
+            check_prompts(self.cfg)
+        except ValueError as err:
             raise PipelineError(str(err)) from None
         previous = [name for name in ("config.yaml", "metrics.jsonl") if (self.out / name).exists()]
         continuing = self.resume is not None and self.out.resolve() in self.resume.resolve().parents

@@ -25,6 +25,33 @@ def test_a_policy_folder_that_is_not_a_model_is_refused(tmp_path):
     assert_refused(done, seconds, f"policy.init={tmp_path} is not a model transformers can load")
 
 
+PROBABILITY_JUDGE = ["judge.backend=hf", "judge.llm.model=/nonexistent/judge", "judge.llm.verdict=probability",
+                     "judge.llm.prompts={quality: quality_short_v1, safety: safety_short_v1, factuality: factuality_short_v1}"]
+
+
+@pytest.mark.parametrize("command", ["train", "serve", "eval"])
+def test_a_prompt_the_judge_replica_would_refuse_is_refused_before_anything_starts(tmp_path, tokenizer_dir, command):
+    """Probability verdicts need every judge prompt to prefill its answer start; coherence left at its
+    default (coherence_v1) does not. A replica refuses it at start, where Serve shows only 'failed to
+    deploy'; the driver says which prompt and what to use, before Ray or any model starts."""
+    from helpers import tiny_llama
+
+    if command == "eval":  # a real model folder to evaluate, so that only the prompt is wrong
+        tiny_llama(tokenizer_dir, hidden=32, layers=1, seed=0)[0].save_pretrained(tmp_path / "model")
+    args = {"train": [f"--output-dir={tmp_path / 'run'}"], "serve": [], "eval": [f"--model={tmp_path / 'model'}"]}[command]
+    done, seconds = sip(command, *PROBABILITY_JUDGE, *args)
+    assert_refused(done, seconds, "coherence prompt coherence_v1 prefills no answer start", "coherence_direct_v1")
+    assert "Started a local Ray instance" not in done.stderr
+
+
+def test_a_judge_replica_that_cannot_start_is_named_with_its_reason(tmp_path):
+    """What only the replica can find (here its model folder; on a cluster it may live on another node)
+    comes back from Serve's deployment status as the replica's own error, not just 'failed to deploy'."""
+    done, seconds = sip("train", "judge.backend=hf", "judge.llm.model=/nonexistent/judge", "train.steps=1",
+                        f"--output-dir={tmp_path / 'run'}", timeout=300)
+    assert_refused(done, seconds, "failed to deploy", "no Hugging Face model folder at /nonexistent/judge", within=240)
+
+
 def test_a_policy_path_under_home_is_expanded():
     from pathlib import Path
 
